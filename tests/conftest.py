@@ -1,0 +1,15 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+NBS = Path(__file__).resolve().parents[1]/"nbs"
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    "A synthetic NSD tree with subjects 1 and 2, shared by the tests that only read it."
+    from minddiffuser.nsd_data import write_synthetic_nsd
+    return write_synthetic_nsd(tmp_path_factory.mktemp("nsd")/"nsd", subjects=(1, 2), seed=0)
