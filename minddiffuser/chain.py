@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['nbs_dir', 'chain_notebooks', 'ChainError', 'run_chain', 'main']
 
-# %% ../nbs/chain.ipynb #01723fe7
+# %% ../nbs/chain.ipynb #04341e1a
 import argparse
 import json
 import os
@@ -21,7 +21,7 @@ from papermill.exceptions import PapermillExecutionError
 
 from .nsd_data import project_root, resolve_data_root, subject_dir, write_synthetic_nsd
 
-# %% ../nbs/chain.ipynb #debf1924
+# %% ../nbs/chain.ipynb #36c1f7a9
 def nbs_dir(nbs=None # the notebooks folder; None: `nbs/` of the checkout this package runs from
            ) -> Path:
     "The folder that holds the numbered notebooks."
@@ -44,7 +44,7 @@ def chain_notebooks(nbs=None, # notebooks folder
         out.append(p)
     return out
 
-# %% ../nbs/chain.ipynb #66aa314a
+# %% ../nbs/chain.ipynb #98c182a8
 class ChainError(RuntimeError):
     "A notebook of the chain failed."
 
@@ -95,7 +95,7 @@ def run_chain(subject:int=1, # NSD subject
     record["finished"] = datetime.now(timezone.utc).isoformat(); record["status"] = "ok"; save()
     return record
 
-# %% ../nbs/chain.ipynb #366c0847
+# %% ../nbs/chain.ipynb #be8c3671
 def _value(s:str):
     try: return json.loads(s)
     except ValueError: return s
