@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['nbs_dir', 'chain_notebooks', 'ChainError', 'run_chain', 'main']
 
-# %% ../nbs/chain.ipynb #04341e1a
+# %% ../nbs/chain.ipynb #aa98d2e1
 import argparse
 import json
 import os
@@ -21,7 +21,7 @@ from papermill.exceptions import PapermillExecutionError
 
 from .nsd_data import project_root, resolve_data_root, subject_dir, write_synthetic_nsd
 
-# %% ../nbs/chain.ipynb #36c1f7a9
+# %% ../nbs/chain.ipynb #3d571843
 def nbs_dir(nbs=None # the notebooks folder; None: `nbs/` of the checkout this package runs from
            ) -> Path:
     "The folder that holds the numbered notebooks."
@@ -44,7 +44,7 @@ def chain_notebooks(nbs=None, # notebooks folder
         out.append(p)
     return out
 
-# %% ../nbs/chain.ipynb #98c182a8
+# %% ../nbs/chain.ipynb #ac735a82
 class ChainError(RuntimeError):
     "A notebook of the chain failed."
 
@@ -89,13 +89,13 @@ def run_chain(subject:int=1, # NSD subject
             entry.update(status="failed", seconds=round(time.time() - t0, 2), cell=e.exec_count,
                          cell_source=first[0] if first else "", error=f"{e.ename}: {e.evalue}")
             record["finished"] = datetime.now(timezone.utc).isoformat(); record["status"] = "failed"; save()
-            raise ChainError(f"{nb.name} failed at cell {e.exec_count} ({entry['cell_source']!r}): {e.ename}: {e.evalue}\n"
+            raise ChainError(f"{nb.name} failed at cell [{e.exec_count}] ({entry['cell_source']!r}): {e.ename}: {e.evalue}\n"
                              f"The executed notebook is {entry['output']}; the run record {rec_path}.") from None
         entry.update(status="ok", seconds=round(time.time() - t0, 2)); save()
     record["finished"] = datetime.now(timezone.utc).isoformat(); record["status"] = "ok"; save()
     return record
 
-# %% ../nbs/chain.ipynb #be8c3671
+# %% ../nbs/chain.ipynb #7562b3ae
 def _value(s:str):
     try: return json.loads(s)
     except ValueError: return s
