@@ -9,7 +9,7 @@ __all__ = ['SHAPES', 'COLOURS', 'KASTNER', 'PRF_VISUAL', 'load_manifest', 'nsd_p
            'trial_images', 'read_ctab', 'roi_voxels', 'read_session', 'zscore_session', 'build_fmri', 'load_fmri',
            'read_images', 'read_captions']
 
-# %% ../nbs/00_nsd_data.ipynb #b92ef89e
+# %% ../nbs/00_nsd_data.ipynb #1f5678ce
 import functools
 import importlib.resources
 import json
@@ -27,7 +27,7 @@ import yaml
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-# %% ../nbs/00_nsd_data.ipynb #623d7520
+# %% ../nbs/00_nsd_data.ipynb #85a45bcd
 @functools.lru_cache(maxsize=None)
 def _manifest_cached(path:str) -> dict:
     return yaml.safe_load(Path(path).read_text())
@@ -39,7 +39,7 @@ def load_manifest(path=None # a manifest file; None: the project's data_manifest
     if not p.exists(): raise FileNotFoundError(f"data manifest not found at {p}: reinstall minddiffuser or pass its path")
     return _manifest_cached(str(p.resolve()))
 
-# %% ../nbs/00_nsd_data.ipynb #9d55c2bf
+# %% ../nbs/00_nsd_data.ipynb #d34f7158
 def nsd_path(root, # NSD root folder
              key:str, # a key of the manifest's `paths`, e.g. "betas"
              **fmt) -> Path: # template fields: subject, session, atlas, split
@@ -78,7 +78,7 @@ def synthetic_info(root) -> dict:
     "The record a synthetic tree keeps of how it was made (seed, subjects, sessions, design)."
     return json.loads(nsd_path(root, "synthetic_marker").read_text())
 
-# %% ../nbs/00_nsd_data.ipynb #5d2521d4
+# %% ../nbs/00_nsd_data.ipynb #3a89912b
 def resolve_data_root(data_root=None, # NSD root, "demo" for the synthetic tree, or None to look it up
                       out_dir="runs", # where the demo tree is written if it is needed
                       seed:int=0, # seed of the demo tree
@@ -100,7 +100,7 @@ def resolve_data_root(data_root=None, # NSD root, "demo" for the synthetic tree,
                                 f"`minddiffuser download --subject N --data-root {root}`, or point $MINDDIFFUSER_DATA at your copy.")
     return root
 
-# %% ../nbs/00_nsd_data.ipynb #bf1e8a5c
+# %% ../nbs/00_nsd_data.ipynb #5cdd109b
 @dataclass(frozen=True)
 class SyntheticConfig:
     "Sizes and noise of the synthetic NSD (small enough for CI)."
@@ -122,7 +122,7 @@ KASTNER = ("V1v V1d V2v V2d V3v V3d hV4 VO1 VO2 PHC1 PHC2 MST hMT LO2 LO1 V3b V3
            "IPS0 IPS1 IPS2 IPS3 IPS4 IPS5 SPL1 FEF").split()
 PRF_VISUAL = "V1v V1d V2v V2d V3v V3d hV4".split()
 
-# %% ../nbs/00_nsd_data.ipynb #aacf7e1f
+# %% ../nbs/00_nsd_data.ipynb #88b943a9
 def _where(x, y):
     v = "top" if y < 0.38 else "bottom" if y > 0.62 else ""
     h = "left" if x < 0.38 else "right" if x > 0.62 else ""
@@ -165,7 +165,7 @@ def scene_captions(scene:dict, rng:np.random.Generator, n:int=5) -> list:
         caps.append(s[0].upper() + s[1:])
     return caps
 
-# %% ../nbs/00_nsd_data.ipynb #018eaafc
+# %% ../nbs/00_nsd_data.ipynb #dca2069d
 def scene_features(scene:dict, grid:int=8) -> tuple:
     "The encoding model's inputs: a (grid, grid) local contrast map and an identity vector (kinds, colours, size)."
     img = render_scene(scene, grid*16).astype(np.float32)
@@ -176,7 +176,7 @@ def scene_features(scene:dict, grid:int=8) -> tuple:
         ident[SHAPES.index(o["shape"])] += 1; ident[len(SHAPES) + list(COLOURS).index(o["colour"])] += 1; ident[-1] += o["size"]*4
     return cmap, ident
 
-# %% ../nbs/00_nsd_data.ipynb #7f03fafd
+# %% ../nbs/00_nsd_data.ipynb #ead0a943
 def _write_design(root, cfg, rng):
     n_slots, n_img = 10000, load_manifest()["nsd"]["n_images"]
     ids = rng.permutation(n_img)[:1000 + 9000*8] + 1                 # 1-based 73k ids
@@ -193,7 +193,7 @@ def _write_design(root, cfg, rng):
                              sharedix=sharedix[None].astype(np.float64), basiccnt=np.zeros((3, 40)), stimpattern=np.zeros((40, 12, 75))))
     return masterordering, subjectim, sharedix, pool, n_trials
 
-# %% ../nbs/00_nsd_data.ipynb #c3466faa
+# %% ../nbs/00_nsd_data.ipynb #9a1fe900
 def _write_stimuli(root, cfg, subjectim, sharedix, pool, masterordering, n_trials, rng):
     man = load_manifest()["nsd"]
     used = {}                                           # 73k id (0-based) -> scene
@@ -231,7 +231,7 @@ def _write_stimuli(root, cfg, subjectim, sharedix, pool, masterordering, n_trial
     info.to_csv(nsd_path(root, "stim_info"))
     return scenes
 
-# %% ../nbs/00_nsd_data.ipynb #2ea1b227
+# %% ../nbs/00_nsd_data.ipynb #3623d5ae
 def _write_ctab(path, names):
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"{i:>3d}  {n:<20s} {37*i % 256:>3d} {91*i % 256:>3d} {53*i % 256:>3d}   0" for i, n in enumerate(names)]
@@ -254,7 +254,7 @@ def _write_atlases(root, s, cfg, rng):
         nib.save(nib.Nifti1Image(vol, aff), p)
     return brain, kastner, prf, general
 
-# %% ../nbs/00_nsd_data.ipynb #38bf3ea2
+# %% ../nbs/00_nsd_data.ipynb #df7a97cf
 def _write_subject(root, s, cfg, masterordering, subjectim, pool, scenes, rng, truth):
     brain, kastner, prf, general = _write_atlases(root, s, cfg, rng)
     label = np.where(prf > 0, prf, kastner)                      # the authors' merge
@@ -291,7 +291,7 @@ def _write_subject(root, s, cfg, masterordering, subjectim, pool, scenes, rng, t
         p = nsd_path(root, "betas", subject=s, session=sess); p.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(p, "w") as f: f.create_dataset("betas", data=b.transpose(0, 3, 2, 1), chunks=(tps, 1, 1, 1))
 
-# %% ../nbs/00_nsd_data.ipynb #6c74f85a
+# %% ../nbs/00_nsd_data.ipynb #24390ad3
 def write_synthetic_nsd(root, # folder to write the tree into
                         subjects=(1, 2, 5, 7), # subjects to write
                         seed:int=0, # everything is deterministic from this seed
@@ -314,7 +314,7 @@ def write_synthetic_nsd(root, # folder to write the tree into
     nsd_path(root, "synthetic_marker").write_text(json.dumps(dict(seed=seed, **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}), indent=1))
     return root
 
-# %% ../nbs/00_nsd_data.ipynb #622913a9
+# %% ../nbs/00_nsd_data.ipynb #8c181d09
 def _need(path, what:str):
     if not Path(path).exists():
         raise FileNotFoundError(f"{what} is missing: {path}. Fetch it with `minddiffuser download --subject N --data-root <NSD root>` "
@@ -354,7 +354,7 @@ def trial_images(root, subject:int, n_sessions:int) -> pd.DataFrame:
     return pd.DataFrame(dict(session=np.arange(len(slots))//tps + 1, nsd_id=d["subjectim"][subject-1, slots - 1] - 1,
                              shared=slots <= load_manifest()["nsd"]["n_shared_slots"]))
 
-# %% ../nbs/00_nsd_data.ipynb #5ec36198
+# %% ../nbs/00_nsd_data.ipynb #a2909f8d
 def read_ctab(path) -> dict:
     "A FreeSurfer colour table as {label name: integer value}."
     out = {}
@@ -386,7 +386,7 @@ def roi_voxels(root, subject:int, rois:str="paper") -> tuple:
     if not len(ijk): raise ValueError(f"no voxels selected for rois={rois!r} in subject {subject}: check the atlas files under {root}.")
     return ijk, np.array(group), shape
 
-# %% ../nbs/00_nsd_data.ipynb #12dd41e6
+# %% ../nbs/00_nsd_data.ipynb #9a38ce28
 def read_session(root, subject:int, session:int, ijk:np.ndarray, grid:tuple, slab:int=8) -> np.ndarray:
     "Betas of one session at voxels `ijk`, in % signal change, float32 (750, n_voxels)."
     p = _need(nsd_path(root, "betas", subject=subject, session=session), f"betas of subject {subject} session {session}")
@@ -411,7 +411,7 @@ def zscore_session(x:np.ndarray) -> np.ndarray:
     sd = x.std(0)
     return np.where(sd > 0, (x - x.mean(0))/np.where(sd > 0, sd, 1), 0).astype(np.float32)
 
-# %% ../nbs/00_nsd_data.ipynb #ea043884
+# %% ../nbs/00_nsd_data.ipynb #9fda40d3
 def _params_key(**kw) -> str: return json.dumps(kw, sort_keys=True, default=str)
 
 def build_fmri(data_root=None, # NSD root (see `resolve_data_root`)
@@ -474,7 +474,7 @@ def load_fmri(out_dir, subject:int) -> dict:
         out["voxels/roi"] = f["voxels/roi"][:].astype(str); out["attrs"] = dict(f.attrs)
     return out
 
-# %% ../nbs/00_nsd_data.ipynb #6d3e523e
+# %% ../nbs/00_nsd_data.ipynb #2d76e06a
 def read_images(root, # NSD root
                 nsd_ids, # 0-based 73k ids, any order, repeats allowed
                 size:int|None=None, # resize to (size, size) with bicubic; None: NSD's 425
