@@ -7,7 +7,8 @@ Each (tool, shape) runs in its own process on the same cores, so time and peak m
 
 Both fit the same z-scored targets; predictions on 982 test images are compared. `fastl2lir` pins its solve loop
 to one BLAS thread (threadpoolctl) and uses all BLAS threads for its correlation and Gram products; ours uses
-`--threads` worker threads (one BLAS thread each). A whole subject (c 10752 outputs @125, z 16384 @4000, six CLIP
+`--threads` cores: worker threads for the products, and every core inside BLAS for the factorisations (SciPy's
+LAPACK wrappers hold the GIL, so threads would queue there). A whole subject (c 10752 outputs @125, z 16384 @4000, six CLIP
 layers of 38400 with 5-fold CV @350,350,350,250,250,250 then a refit of the kept 25%, embedding 512 @450) is
 extrapolated from the per-output times, with per-output time modelled as a + b·n_feat³ through the measured points.
 

@@ -9,7 +9,7 @@ __all__ = ['VAR_EPS', 'RidgeConfig', 'resolve_device', 'Design', 'select_voxels'
            'write_planted_inputs', 'decode_subject', 'write_decoded', 'plot_accuracy', 'plot_selection',
            'resolve_inputs']
 
-# %% ../nbs/02_ridge.ipynb #6e7e91db
+# %% ../nbs/02_ridge.ipynb #94468992
 import functools
 import hashlib
 import json
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .nsd_data import resolve_out_dir
 
-# %% ../nbs/02_ridge.ipynb #4426a359
+# %% ../nbs/02_ridge.ipynb #47738666
 @dataclass
 class RidgeConfig:
     "Decoder settings: FastL2LiR's alpha and n_feat per target family (spec §4) and the CLIP selection (spec §3)."
@@ -67,7 +67,7 @@ class RidgeConfig:
         if name not in ("c", "z", "embed"): raise KeyError(f"unknown target family {name!r}: use 'c', 'z', 'clip' or 'embed'")
         return getattr(self, f"alpha_{name}"), getattr(self, f"n_feat_{name}")
 
-# %% ../nbs/02_ridge.ipynb #96114aaa
+# %% ../nbs/02_ridge.ipynb #839babb2
 VAR_EPS = 1e-8  # FastL2LiR: a voxel with variance below this gets correlation 0
 
 def resolve_device(device=None # "cpu", "cuda", a torch.device, or None: cuda if available
@@ -86,7 +86,7 @@ def _as64(a, device, name:str) -> torch.Tensor:
                          f"drop or impute them before fitting")
     return t
 
-# %% ../nbs/02_ridge.ipynb #14090739
+# %% ../nbs/02_ridge.ipynb #400cb31c
 _POOLS, _BLAS = {}, []
 
 def _blas() -> ThreadpoolController:
@@ -130,6 +130,14 @@ class Design:
         if self._G32 is None: self._G32 = self.G.float()
         return self._G32
 
+    def map_lapack(self, fn, items) -> list:
+        "`fn` over `items` in this thread, every core given to BLAS: SciPy's LAPACK wrappers hold the GIL, so workers would queue."
+        if self.device.type != "cpu": return [fn(i) for i in items]
+        old = torch.get_num_threads(); torch.set_num_threads(self.n_workers)
+        try:
+            with _blas().limit(limits=self.n_workers, user_api="blas"): return [fn(i) for i in items]
+        finally: torch.set_num_threads(old)
+
     def map(self, fn, items) -> list:
         "`fn` over `items` on the worker threads (in order), or in this thread on CUDA."
         if self.device.type != "cpu": return [fn(i) for i in items]
@@ -150,7 +158,7 @@ class Design:
         parts = Y.tensor_split(self.n_workers, dim=1) if self.n_workers > 1 and Y.shape[1] >= 2*self.n_workers else [Y]
         return torch.cat(self.map(lambda y: torch.cat([self.X.T @ y, y.sum(0, keepdim=True)]), parts), 1)
 
-# %% ../nbs/02_ridge.ipynb #b498df73
+# %% ../nbs/02_ridge.ipynb #d9a6c31f
 def select_voxels(B:torch.Tensor, # X1ᵀY (voxels + 1, outputs)
                   mean:torch.Tensor, # voxel means (voxels,)
                   inv_sd:torch.Tensor, # 1/sd per voxel, 0 where the variance is below VAR_EPS
@@ -164,7 +172,7 @@ def select_voxels(B:torch.Tensor, # X1ᵀY (voxels + 1, outputs)
     idx = idx.sort(dim=1).values
     return torch.cat([idx, idx.new_full((idx.shape[0], 1), d)], 1)
 
-# %% ../nbs/02_ridge.ipynb #870ccab0
+# %% ../nbs/02_ridge.ipynb #e5ace138
 @functools.lru_cache(maxsize=16)
 def _tril(m:int) -> tuple: return np.tril_indices(m)
 
@@ -216,7 +224,7 @@ def _factor_solve(G:torch.Tensor, S:torch.Tensor, rhs:torch.Tensor, alpha:float,
     elif ok.any(): w[ok] = _chol_solve(L[ok], rhs[ok].to(dtype)).double()
     return w, L, ok
 
-# %% ../nbs/02_ridge.ipynb #ad9740e0
+# %% ../nbs/02_ridge.ipynb #122220e5
 def _batches(m:int, n:int, mem_gb:float, bytes_per:int=8) -> int:
     "How many (m × m) systems fit in mem_gb (at least 1, at most n)."
     return int(max(1, min(n, mem_gb*2**30 // (3*m*m*bytes_per))))
@@ -260,7 +268,7 @@ def _mixed(design, S, rhs, alpha, tol, max_iter):
     b, m = S.shape
     step = 1 if S.device.type == "cpu" else b                           # one system per worker task; one batch on CUDA
     parts = [slice(a, min(a + step, b)) for a in range(0, b, step)]
-    outs = design.map(lambda sl: _factor_solve(design.G32, S[sl], rhs[sl], alpha, torch.float32), parts)
+    outs = design.map_lapack(lambda sl: _factor_solve(design.G32, S[sl], rhs[sl], alpha, torch.float32), parts)
     w, ok, Ls = torch.cat([o[0] for o in outs]), torch.cat([o[2] for o in outs]), [o[1] for o in outs]
     rel = torch.full((b,), torch.inf, dtype=torch.float64, device=S.device); err = rel.clone()
     live = ok.clone()
@@ -270,17 +278,17 @@ def _mixed(design, S, rhs, alpha, tol, max_iter):
         GW = torch.cat(design.map(lambda rows: design.G[rows] @ Wsc, _row_blocks(design.d + 1, design.n_workers)))
         r = rhs - GW.T.gather(1, S) - alpha*w
         solve = lambda i: _chol_solve(Ls[i], r[parts[i]].float()).double() if live[parts[i]].any() else torch.zeros_like(r[parts[i]])
-        dw = torch.cat(design.map(solve, range(len(parts))))*live[:, None]
+        dw = torch.cat(design.map_lapack(solve, range(len(parts))))*live[:, None]
         w += dw
         new = dw.abs().amax(1)/w.abs().amax(1).clamp_min(1e-300)
         rate = new if it == 0 else new/rel                       # contraction per step (first step: ≈ κ·eps32 itself)
         rel, err = torch.where(live, new, rel), torch.where(live, 10*new*rate.clamp(max=1), err)   # err: error left
         live = live & (err > tol) & (rel > tol) & (rate < 0.5)
     redo = (~ok | ((err > tol) & (rel > tol))).nonzero()[:, 0].tolist()
-    if redo: w[redo] = torch.cat(design.map(lambda i: _solve64(design, S[i:i+1], rhs[i:i+1], alpha), redo))
+    if redo: w[redo] = torch.cat(design.map_lapack(lambda i: _solve64(design, S[i:i+1], rhs[i:i+1], alpha), redo))
     return w
 
-# %% ../nbs/02_ridge.ipynb #82ba690f
+# %% ../nbs/02_ridge.ipynb #71c54154
 @dataclass
 class L2LiR:
     "A fitted FastL2LiR model kept sparse: each output's selected voxels (ascending), their weights and a bias."
@@ -313,7 +321,7 @@ class L2LiR:
             sl = slice(a, a + chunk); out[:, sl] = X @ self.dense(sl) + self.b[sl]
         return out
 
-# %% ../nbs/02_ridge.ipynb #91ac351f
+# %% ../nbs/02_ridge.ipynb #8d648822
 def check_n_feat(n_feat:int, # voxels per output asked for; 0 means all
                  n_voxels:int # voxels available
                 ) -> int:
@@ -322,7 +330,7 @@ def check_n_feat(n_feat:int, # voxels per output asked for; 0 means all
     if n_feat > n_voxels: warnings.warn(f"n_feat={n_feat} exceeds the {n_voxels} voxels: all voxels are used (no selection), as FastL2LiR does")
     return n_voxels if n_feat == 0 or n_feat >= n_voxels else int(n_feat)
 
-# %% ../nbs/02_ridge.ipynb #886b8786
+# %% ../nbs/02_ridge.ipynb #3f05568c
 def _select(design, B, mean, inv_sd, k):
     parts = B.tensor_split(design.n_workers, dim=1) if B.shape[1] >= 64 else [B]
     return torch.cat(design.map(lambda b: select_voxels(b, mean, inv_sd, k), parts))
@@ -373,7 +381,7 @@ def fit_l2lir(X, # training fMRI (samples, voxels), or a `Design` built from it
         idx[sl], w[sl], b[sl] = S[:, :-1], W[:, :-1], W[:, -1]
     return L2LiR(w, b, idx, design.d)
 
-# %% ../nbs/02_ridge.ipynb #16de9266
+# %% ../nbs/02_ridge.ipynb #2ae44057
 def zscore_stats(a, # (samples, dims)
                  axis:int=0) -> tuple:
     "Mean and std (ddof 0) per dimension, float64; a std below 10·eps becomes 1 (sklearn's StandardScaler rule)."
@@ -382,7 +390,7 @@ def zscore_stats(a, # (samples, dims)
     s = np.where(s < 10*np.finfo(np.float64).eps, 1.0, s)
     return m, s
 
-# %% ../nbs/02_ridge.ipynb #c9ac253c
+# %% ../nbs/02_ridge.ipynb #44e232d5
 def normalise_fmri(train, # training fMRI (samples, voxels)
                    test, # test fMRI (samples, voxels)
                    x_norm:str="train" # test statistics: "train" (default) or "test" (the authors')
@@ -393,7 +401,7 @@ def normalise_fmri(train, # training fMRI (samples, voxels)
     tm, ts = zscore_stats(test) if x_norm == "test" else (m, s)
     return (np.asarray(train, np.float64) - m)/s, (np.asarray(test, np.float64) - tm)/ts, m, s
 
-# %% ../nbs/02_ridge.ipynb #40a0acff
+# %% ../nbs/02_ridge.ipynb #a5f2c32d
 class CVFolds:
     "Contiguous K folds of a Design: each fold's training Gram (float32), training statistics and held-out rows."
     def __init__(self, design:Design, # the full training design
@@ -415,14 +423,14 @@ class CVFolds:
 
     def __len__(self): return len(self.folds)
 
-# %% ../nbs/02_ridge.ipynb #b1d14165
+# %% ../nbs/02_ridge.ipynb #4ee3502d
 def pearson_r(a:torch.Tensor, b:torch.Tensor, dim:int=0) -> torch.Tensor:
     "Pearson r between a and b along `dim` (NaN where either is constant)."
     a, b = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
     den = ((a*a).sum(dim)*(b*b).sum(dim)).sqrt()
     return (a*b).sum(dim)/torch.where(den > 0, den, torch.nan)
 
-# %% ../nbs/02_ridge.ipynb #eeb0f1c0
+# %% ../nbs/02_ridge.ipynb #565dfaf7
 def _fold_weights(design, fold, Btr, k, alpha, mem_gb):
     "A fold's sparse weights scattered into (voxels + 1, outputs), float32."
     d, T = design.d, Btr.shape[1]
@@ -467,7 +475,7 @@ def cv_scores(folds:CVFolds, # the design's folds
             r[i, sl] = pearson_r(pred.double(), Y[f["rows"], sl])
     return r
 
-# %% ../nbs/02_ridge.ipynb #ef4f1cf9
+# %% ../nbs/02_ridge.ipynb #41e8da86
 def top_dims(score, # CV score per dimension
              keep_frac:float=0.25 # fraction kept
             ) -> np.ndarray:
@@ -476,7 +484,7 @@ def top_dims(score, # CV score per dimension
     n_keep = max(1, int(round(keep_frac*len(s))))
     return np.sort(np.argsort(-s, kind="stable")[:n_keep])
 
-# %% ../nbs/02_ridge.ipynb #e998ff32
+# %% ../nbs/02_ridge.ipynb #10de3d6b
 def decoder_path(dec_dir, # the subject's decoders/ folder
                  family:str # "c", "z", "clip/<module>" or "clip/embed"
                 ) -> Path:
@@ -497,7 +505,7 @@ def _column_stats(Y:np.ndarray, step:int=4096) -> tuple:
 
 def _blocks(n:int, block:int) -> list: return [slice(a, min(a + block, n)) for a in range(0, n, block)]
 
-# %% ../nbs/02_ridge.ipynb #ab29159b
+# %% ../nbs/02_ridge.ipynb #bd68e6eb
 def _open_partial(path:Path, fp:str, make) -> h5py.File:
     "The partial file of a fit in progress: resumed if its fingerprint matches, else started over by `make(f)`."
     if path.exists():
@@ -539,7 +547,7 @@ def _cv_blocks(f:h5py.File, folds:CVFolds, Y, y_mean, y_std, alpha, k, block, ch
         done[i] = True; f.flush()
     return f["cv/fold_r"][:]
 
-# %% ../nbs/02_ridge.ipynb #dd77aa73
+# %% ../nbs/02_ridge.ipynb #ef723b27
 def fit_family(design, # `Design` of the normalised training fMRI, or a function returning it (called only if a fit is needed)
                Y:np.ndarray, # training targets (samples, dims), feature units
                path, # the decoder file to write, e.g. decoders/z.h5
@@ -601,7 +609,7 @@ def fit_family(design, # `Design` of the normalised training fMRI, or a function
     if part.exists(): part.unlink()
     return path
 
-# %% ../nbs/02_ridge.ipynb #8b27f8c6
+# %% ../nbs/02_ridge.ipynb #f3a65523
 @dataclass
 class FamilyDecoder:
     "One target family's decoder read back from disk: the sparse model of its fitted dimensions and the target normalisation."
@@ -628,7 +636,7 @@ class FamilyDecoder:
         out[:, self.dims] = z*self.y_std[self.dims] + self.y_mean[self.dims]
         return out
 
-# %% ../nbs/02_ridge.ipynb #60189640
+# %% ../nbs/02_ridge.ipynb #13edab6f
 def load_decoder(path, # a decoder file written by `fit_family`
                  device=None # where the weights go (None: cuda if available)
                 ) -> FamilyDecoder:
@@ -641,7 +649,7 @@ def load_decoder(path, # a decoder file written by `fit_family`
         extra = {k: f[k][:] for k in ("x_mean", "x_std", "token0") if k in f}
         return FamilyDecoder(model, f["dims"][:], f["y_mean"][:], f["y_std"][:], f["cv/score"][:] if "cv/score" in f else None, dict(f.attrs), extra)
 
-# %% ../nbs/02_ridge.ipynb #64e9cea7
+# %% ../nbs/02_ridge.ipynb #7d09b871
 def _natural(name:str) -> tuple: return tuple(int(v) for v in re.findall(r"\d+", name)), name
 
 def feature_families(path # a features.h5
@@ -660,7 +668,7 @@ def feature_families(path # a features.h5
     if not out: raise ValueError(f"{path} holds none of c, z, clip/<module>, clip/embed")
     return out
 
-# %% ../nbs/02_ridge.ipynb #b1a877af
+# %% ../nbs/02_ridge.ipynb #d1562fcd
 def family_params(cfg:RidgeConfig, # decoder settings
                   families:list # family names in decoding order
                  ) -> dict:
@@ -679,7 +687,7 @@ def _targets(f:h5py.File, split:str, fam:str) -> np.ndarray:
     if fam == "c": return a[:, 1:].reshape(a.shape[0], -1).astype(np.float32, copy=False)
     return a[:].reshape(a.shape[0], -1).astype(np.float32, copy=False)
 
-# %% ../nbs/02_ridge.ipynb #2d49d29b
+# %% ../nbs/02_ridge.ipynb #e2f2903a
 def write_planted_inputs(sdir, # folder to write fmri.h5 and features.h5 into (a stand-in subjNN/)
                          n_train:int=400, n_test:int=60, # images
                          n_voxels:int=500, # voxels
@@ -722,7 +730,7 @@ def write_planted_inputs(sdir, # folder to write fmri.h5 and features.h5 into (a
         f.attrs.update(planted=True, seed=seed, clip_tokens=clip_shape[0])
     return sdir
 
-# %% ../nbs/02_ridge.ipynb #c84d4bb1
+# %% ../nbs/02_ridge.ipynb #221c1c86
 def _pearson_np(a:np.ndarray, b:np.ndarray, axis:int) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return pearson_r(torch.from_numpy(np.asarray(a, np.float64)), torch.from_numpy(np.asarray(b, np.float64)), axis).numpy()
@@ -785,7 +793,7 @@ def decode_subject(out_dir="runs", # artifacts folder holding subjNN/fmri.h5 and
     lazy.clear()
     return write_decoded(sd, fams, cfg.x_norm, device)
 
-# %% ../nbs/02_ridge.ipynb #7a314af5
+# %% ../nbs/02_ridge.ipynb #1e8722fb
 def write_decoded(sd, # the subject folder (holds fmri.h5, features.h5, decoders/)
                   families:list, # families to decode, with finished decoders
                   x_norm:str="train", # test fMRI statistics: "train" or "test" (the authors')
@@ -820,7 +828,7 @@ def write_decoded(sd, # the subject folder (holds fmri.h5, features.h5, decoders
     os.replace(tmp, sd/"decoded.h5")
     return sd/"decoded.h5"
 
-# %% ../nbs/02_ridge.ipynb #68a60d5a
+# %% ../nbs/02_ridge.ipynb #b8ac152c
 def _short(family:str) -> str: return re.sub(r"transformer\.resblocks\.(\d+)\.mlp\.c_proj", r"L\1", family)
 
 def plot_accuracy(decoded, # a decoded.h5
@@ -840,7 +848,7 @@ def plot_accuracy(decoded, # a decoded.h5
     ax.figure.tight_layout()
     return ax
 
-# %% ../nbs/02_ridge.ipynb #2cd4ed21
+# %% ../nbs/02_ridge.ipynb #1f7bc9d5
 def plot_selection(decoded, # a decoded.h5 (its features.h5 and decoders/ sit beside it)
                    tokens:int|None=None # tokens per CLIP layer (None: features.h5's clip_tokens attribute, else 50 if it divides)
                   ):
@@ -863,7 +871,7 @@ def plot_selection(decoded, # a decoded.h5 (its features.h5 and decoders/ sit be
     fig.tight_layout()
     return fig
 
-# %% ../nbs/02_ridge.ipynb #3bd90043
+# %% ../nbs/02_ridge.ipynb #f6e8afe8
 def resolve_inputs(out_dir="runs", # artifacts folder
                    subject:int=1, # NSD subject
                    seed:int=0 # seed of a stand-in
