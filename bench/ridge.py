@@ -137,7 +137,7 @@ def main():
     p.add_argument("--clip-outputs", type=int, default=1024, help="outputs sampled at the CLIP shape")
     p.add_argument("--threads", type=int, default=2, help="our worker threads (fastl2lir: its own BLAS threading)")
     p.add_argument("--mode", default="auto", help="our solver precision: auto, mixed or float64")
-    p.add_argument("--mem-gb", type=float, default=2.0)
+    p.add_argument("--mem-gb", type=float, default=None, help="working memory of the solves (default: minddiffuser.ridge.SOLVE_MEM_GB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-fastl2lir", action="store_true", help="time ours only")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -145,6 +145,9 @@ def main():
     p.add_argument("--n-feat", type=int, help=argparse.SUPPRESS); p.add_argument("--outputs", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cv", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.mem_gb is None:
+        from minddiffuser.ridge import SOLVE_MEM_GB
+        a.mem_gb = SOLVE_MEM_GB
     if a.worker: return worker(a)
     kz, kc = 4000, 350
     if a.quick:
