@@ -5,11 +5,10 @@
 # %% auto #0
 __all__ = ['nbs_dir', 'chain_notebooks', 'ChainError', 'run_chain', 'main']
 
-# %% ../nbs/chain.ipynb #aa98d2e1
+# %% ../nbs/chain.ipynb #712aed53
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from papermill.exceptions import PapermillExecutionError
 
 from .nsd_data import project_root, resolve_data_root, subject_dir, write_synthetic_nsd
 
-# %% ../nbs/chain.ipynb #3d571843
+# %% ../nbs/chain.ipynb #ea47aa0c
 def nbs_dir(nbs=None # the notebooks folder; None: `nbs/` of the checkout this package runs from
            ) -> Path:
     "The folder that holds the numbered notebooks."
@@ -44,7 +43,7 @@ def chain_notebooks(nbs=None, # notebooks folder
         out.append(p)
     return out
 
-# %% ../nbs/chain.ipynb #ac735a82
+# %% ../nbs/chain.ipynb #69e19803
 class ChainError(RuntimeError):
     "A notebook of the chain failed."
 
@@ -95,7 +94,7 @@ def run_chain(subject:int=1, # NSD subject
     record["finished"] = datetime.now(timezone.utc).isoformat(); record["status"] = "ok"; save()
     return record
 
-# %% ../nbs/chain.ipynb #7562b3ae
+# %% ../nbs/chain.ipynb #da852546
 def _value(s:str):
     try: return json.loads(s)
     except ValueError: return s

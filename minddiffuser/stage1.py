@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['STAGE1', 'STAGE1_CONSISTENT', 'Stage1Config', 'stage1_timesteps', 'uncond_embedding', 'Stage1Output', 'ddim_img2img',
-           'decode_latents', 'write_fake_decoded', 'check_models_for_data', 'decoded_path', 'to_uint8', 'run_stage1']
+           'decode_latents', 'write_fake_decoded', 'check_models_for_data', 'decoded_path', 'stage_inputs', 'to_uint8',
+           'run_stage1']
 
-# %% ../nbs/03_stage1.ipynb #b3aff195
+# %% ../nbs/03_stage1.ipynb #25bddb4c
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ from .features import FEATURE_CFG, FeatureConfig, caption_embeddings, row_seeds
 from .models import Components, load_models, resolve_model_ids
 from .nsd_data import is_synthetic, resolve_data_root, subject_dir
 
-# %% ../nbs/03_stage1.ipynb #1870ddd6
+# %% ../nbs/03_stage1.ipynb #b7f42c33
 @dataclass(frozen=True)
 class Stage1Config:
     "The stage-1 sampler's settings (spec §5); the defaults are the authors'."
@@ -61,7 +62,7 @@ class Stage1Config:
 STAGE1 = Stage1Config()  # the authors' setting: noise at index 37, denoise from index 34
 STAGE1_CONSISTENT = Stage1Config(t_enc=34)  # the consistent alternative: noise at index 34, denoise from index 34
 
-# %% ../nbs/03_stage1.ipynb #0816332b
+# %% ../nbs/03_stage1.ipynb #c4ca62f7
 def stage1_timesteps(
     scheduler:DDIMScheduler,  # DDIM with SD's schedule; its timesteps are set here
     cfg:Stage1Config=STAGE1,  # n_steps, t_enc, t_start
@@ -73,7 +74,7 @@ def stage1_timesteps(
     t_noise = int(scheduler.timesteps[cfg.n_steps - 1 - cfg.t_enc])  # asc[t_enc]
     return t_noise, scheduler.timesteps[cfg.n_steps - cfg.t_start:]  # asc[:t_start] reversed, as diffusers' get_timesteps
 
-# %% ../nbs/03_stage1.ipynb #da1a3df8
+# %% ../nbs/03_stage1.ipynb #bf5e2bd7
 def uncond_embedding(
     tokenizer,  # SD's CLIPTokenizer
     text_encoder,  # SD's CLIPTextModel
@@ -82,7 +83,7 @@ def uncond_embedding(
     "`uc`: the empty prompt through the text encoder at `max_length` tokens."
     return caption_embeddings(tokenizer, text_encoder, [[""]], max_length)
 
-# %% ../nbs/03_stage1.ipynb #9231d106
+# %% ../nbs/03_stage1.ipynb #0b9a1010
 @dataclass
 class Stage1Output:
     "What the stage-1 sampler returns."
@@ -91,7 +92,7 @@ class Stage1Output:
     t_noise: int  # timestep z was noised to (741 for the authors)
     timesteps: torch.Tensor  # denoising timesteps, descending (681, ..., 1 for the authors)
 
-# %% ../nbs/03_stage1.ipynb #97e31439
+# %% ../nbs/03_stage1.ipynb #86767b47
 def _check_inputs(unet, c, z, uc, generator, noise, grad_last_k, cfg):
     if c.ndim != 3 or z.ndim != 4 or uc.ndim != 3:
         raise ValueError(f"expected c (B, L, W), z (B, C, h, w), uc (1, L, W); got {tuple(c.shape)}, {tuple(z.shape)}, {tuple(uc.shape)}")
@@ -117,7 +118,7 @@ def _guided_eps(unet, scheduler, latents, t, emb, guidance, gradient_checkpointi
     e_u, e_c = e.chunk(2)
     return e_u + guidance * (e_c - e_u)
 
-# %% ../nbs/03_stage1.ipynb #ad56f171
+# %% ../nbs/03_stage1.ipynb #de074818
 def ddim_img2img(
     unet:UNet2DConditionModel,  # SD's denoiser (sets device and dtype)
     scheduler:DDIMScheduler,  # DDIM with SD's schedule (its timesteps are set here)
@@ -155,7 +156,7 @@ def ddim_img2img(
     # 4. the denoised latents
     return Stage1Output(latents=latents, noise=noise, t_noise=t_noise, timesteps=timesteps)
 
-# %% ../nbs/03_stage1.ipynb #cee5f3cd
+# %% ../nbs/03_stage1.ipynb #2deb5cd2
 def decode_latents(
     vae:AutoencoderKL,  # SD's autoencoder
     latents:torch.Tensor,  # (B, C, h, w) VAE-scaled latents
@@ -167,7 +168,7 @@ def decode_latents(
     x = checkpoint(run, x, use_reentrant=False) if gradient_checkpointing and torch.is_grad_enabled() else run(x)
     return ((x + 1) / 2).clamp(0, 1)
 
-# %% ../nbs/03_stage1.ipynb #8a95ff2a
+# %% ../nbs/03_stage1.ipynb #7f5768ed
 def write_fake_decoded(
     path,  # the decoded.h5 to write
     m:Components,  # the models whose sizes the file takes
@@ -191,7 +192,7 @@ def write_fake_decoded(
         f.attrs.update(fake=True, models=m.models, clip_model=m.clip_model, weights_seed=m.seed)
     return Path(path)
 
-# %% ../nbs/03_stage1.ipynb #21f2034a
+# %% ../nbs/03_stage1.ipynb #729b0623
 def check_models_for_data(
     models:str,  # resolved SD source ("tiny", hub id or folder)
     clip_model:str,  # resolved CLIP source
@@ -227,7 +228,25 @@ def _provenance(subj:Path) -> dict:
                 if "models" in f.attrs: return dict(models=str(f.attrs["models"]), weights_seed=int(f.attrs.get("weights_seed", 0)))
     return {}
 
-# %% ../nbs/03_stage1.ipynb #7dd5d730
+def stage_inputs(out_dir, # artifacts folder
+                 subject:int, # NSD subject
+                 data_root=None, # NSD root (see `resolve_data_root`)
+                 models=None, # "tiny", a Stable Diffusion id or folder; None: by the data
+                 clip_model=None, # "tiny", an open_clip id or checkpoint; None: by the data
+                 allow_mix:bool=False # allow tiny models on real data and real models on synthetic data
+                ) -> tuple:
+    "What a reconstruction stage runs on: (decoded.h5, synthetic?, models, clip_model, provenance), checked before any work."
+    dec = decoded_path(out_dir, subject)
+    synthetic = is_synthetic(resolve_data_root(data_root, out_dir, verbose=False))
+    models, clip_model = resolve_model_ids(models, clip_model, synthetic)
+    check_models_for_data(models, clip_model, synthetic, allow_mix)
+    src = _provenance(dec.parent)
+    if "tiny" in (models, src.get("models", models)) and src.get("models", models) != models: raise ValueError(
+        f"{dec} holds features made with models={src['models']!r}; running with models={models!r} would use other "
+        f"networks (another VAE, another CLIP): pass models={src['models']!r}, or remake features and decoded.h5 with {models!r}.")
+    return dec, synthetic, models, clip_model, src
+
+# %% ../nbs/03_stage1.ipynb #79f0a0b9
 def _sha256(path, names=("nsd_id", "c", "z"), rows:int=256) -> str:
     h = hashlib.sha256()
     with h5py.File(path, "r") as f:
@@ -244,7 +263,7 @@ def _save_png(image:np.ndarray, path:Path):
     Image.fromarray(image).save(tmp, format="PNG")
     os.replace(tmp, path)
 
-# %% ../nbs/03_stage1.ipynb #69ef2571
+# %% ../nbs/03_stage1.ipynb #3bff6338
 def run_stage1(
     subject:int=1,  # NSD subject
     data_root=None,  # NSD root (see `resolve_data_root`)
@@ -262,15 +281,7 @@ def run_stage1(
     "Write `<out_dir>/subjNN/stage1/<nsd_id>.png` for the decoded test features, resuming an interrupted run."
     cfg.check()
     if int(batch_size) < 1: raise ValueError(f"batch_size={batch_size} must be at least 1")
-    dec = decoded_path(out_dir, subject)
-    root = resolve_data_root(data_root, out_dir, verbose=False)
-    synthetic = is_synthetic(root)
-    models, clip_model = resolve_model_ids(models, clip_model, synthetic)
-    check_models_for_data(models, clip_model, synthetic, allow_mix)
-    src = _provenance(dec.parent)
-    if "tiny" in (models, src.get("models", models)) and src.get("models", models) != models: raise ValueError(
-        f"{dec} holds latents made with models={src['models']!r}; decoding them with models={models!r} would use "
-        f"another VAE: pass models={src['models']!r}, or remake features and decoded.h5 with {models!r}.")
+    dec, synthetic, models, clip_model, src = stage_inputs(out_dir, subject, data_root, models, clip_model, allow_mix)
     with h5py.File(dec, "r") as f:
         n = len(f["nsd_id"]) if max_images is None else min(int(max_images), len(f["nsd_id"]))
         ids, c_all, z_all = f["nsd_id"][:n], f["c"][:n], f["z"][:n]

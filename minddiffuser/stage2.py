@@ -9,7 +9,7 @@ __all__ = ['FINALS', 'OPTIMISED', 'AUTOCASTS', 'STAGE2_CFG', 'HISTORY', 'RESULT_
            'parse_shard', 'select_rows', 'check_decoded', 'read_rows', 'pending', 'optimise_batch', 'run_images',
            'show_run', 'stage1_settings', 'reconstruct']
 
-# %% ../nbs/04_stage2.ipynb #0a0f071d
+# %% ../nbs/04_stage2.ipynb #9aa90b26
 import hashlib
 import json
 import math
@@ -29,12 +29,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .features import FEATURE_CFG, clip_features, row_seeds
-from .models import Components, load_models, resolve_model_ids
-from .nsd_data import is_synthetic, resolve_data_root, resolve_out_dir
-from .stage1 import (STAGE1, Stage1Config, _provenance, check_models_for_data, ddim_img2img, decode_latents,
-                                 decoded_path, uncond_embedding)
+from .models import Components, load_models
+from .nsd_data import resolve_out_dir
+from .stage1 import STAGE1, Stage1Config, ddim_img2img, decode_latents, stage_inputs, uncond_embedding
 
-# %% ../nbs/04_stage2.ipynb #40981b46
+# %% ../nbs/04_stage2.ipynb #fe91a654
 FINALS = ("last", "best")
 OPTIMISED = ("cz", "z")
 AUTOCASTS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,7 +74,7 @@ class Stage2Config:
 
 STAGE2_CFG = Stage2Config()
 
-# %% ../nbs/04_stage2.ipynb #c5ed3054
+# %% ../nbs/04_stage2.ipynb #f6bf5288
 def layer_weights(
     targets:list,  # per layer, decoded targets (n, D), zero outside the mask
     masks:list,  # per layer, the selection mask (D,) bool
@@ -88,7 +87,7 @@ def layer_weights(
     inv = 1 / norms
     return torch.as_tensor(gains, dtype=inv.dtype, device=inv.device) * inv / inv.sum(1, keepdim=True)
 
-# %% ../nbs/04_stage2.ipynb #0d8f88bb
+# %% ../nbs/04_stage2.ipynb #d773ba57
 @dataclass
 class Stage2Loss:
     "Per-image terms of the stage-2 loss."
@@ -110,7 +109,7 @@ def stage2_loss(
     embed = 1 - F.cosine_similarity(feats["embed"].float(), targets["embed"], dim=1)
     return Stage2Loss(embed_scale * embed_weight * embed + (1 - embed_weight) * structure, structure, embed)
 
-# %% ../nbs/04_stage2.ipynb #8c3be216
+# %% ../nbs/04_stage2.ipynb #5620d38d
 def make_optimiser(
     params:list,  # the tensors to optimise (leaf, requires_grad)
     cfg:Stage2Config=STAGE2_CFG,  # lr, betas, eps, gamma
@@ -134,7 +133,7 @@ def optimiser_step(
     if not cfg.lr_step_first: sched.step()
     return lr
 
-# %% ../nbs/04_stage2.ipynb #e17003d6
+# %% ../nbs/04_stage2.ipynb #db4a662c
 def iteration_noise(
     seed:int,  # run seed (stage 1's)
     nsd_id:int,  # the image
@@ -146,7 +145,7 @@ def iteration_noise(
     else: s = int(np.random.SeedSequence([int(seed), int(nsd_id), int(iteration)]).generate_state(1)[0])
     return torch.randn((1, *shape), generator=torch.Generator().manual_seed(s))
 
-# %% ../nbs/04_stage2.ipynb #3e072d34
+# %% ../nbs/04_stage2.ipynb #7fd1b933
 def stage2_forward(
     m:Components,  # networks from `load_models`
     c:torch.Tensor,  # (n, tokens, width) text embeddings
@@ -168,7 +167,7 @@ def stage2_forward(
         feats = clip_features(m.clip_visual, images, layers=tuple(masks), interpolation=cfg.interpolation)
     return images.float(), stage2_loss(feats, targets, masks, weights, cfg.embed_weight, cfg.embed_scale)
 
-# %% ../nbs/04_stage2.ipynb #cbe1024f
+# %% ../nbs/04_stage2.ipynb #d024bf85
 HISTORY = ("loss", "structure", "embed", "lr")  # columns of the per-iteration record
 RESULT_FREE = ("n_iters", "state_every", "checkpoint")  # settings that do not change an image's trajectory
 
@@ -205,7 +204,7 @@ def check_settings(
         raise ValueError(f"{folder} holds a stage-2 run made with other settings ({'; '.join(diff)}). "
                          f"Use another out_dir, or delete {folder} to start this image again.")
 
-# %% ../nbs/04_stage2.ipynb #34f9116e
+# %% ../nbs/04_stage2.ipynb #e9938e71
 def write_state(
     path:Path,  # the state.safetensors to write
     variables:dict,  # {"c": ..., "z": ...}
@@ -239,7 +238,7 @@ def read_state(
     history = {k: t["history"][:, j].tolist() for j, k in enumerate(HISTORY)}
     return {k: v for k, v in t.items() if "." not in k and k != "history"}, history, {k: json.loads(v) for k, v in info.items()}
 
-# %% ../nbs/04_stage2.ipynb #f080091b
+# %% ../nbs/04_stage2.ipynb #396759a6
 class ImageRun:
     "One test image's optimisation: its variables, optimiser, history and files, resumable."
     def __init__(self,
@@ -305,7 +304,7 @@ class ImageRun:
             _atomic(self.folder / "final.png", lambda t: t.write_bytes((self.folder / "best.png").read_bytes()))
         if self.done or self.iteration % self.cfg.state_every == 0: self.save()
 
-# %% ../nbs/04_stage2.ipynb #e71befd9
+# %% ../nbs/04_stage2.ipynb #c4e9c627
 def parse_shard(
     shard:str|None,  # "i/n" with 0 <= i < n, or None for everything
 ) -> tuple:  # (i, n)
@@ -327,7 +326,7 @@ def select_rows(
     i, n = parse_shard(shard)
     return np.array_split(rows, n)[i]
 
-# %% ../nbs/04_stage2.ipynb #6d663527
+# %% ../nbs/04_stage2.ipynb #1ce8518b
 def check_decoded(
     path:Path,  # decoded.h5
     m:Components,  # the networks stage 2 will use
@@ -359,7 +358,7 @@ def read_rows(
     t = {k: torch.from_numpy(v) for k, v in arr.items()}
     return dict(c=t["c"], z=t["z"], targets={k: t[f"clip/{k}"] for k in layers} | {"embed": t["clip/embed"]}, sha256=sha)
 
-# %% ../nbs/04_stage2.ipynb #b589109f
+# %% ../nbs/04_stage2.ipynb #eead9586
 def pending(
     path:Path,  # decoded.h5
     rows:np.ndarray,  # rows asked for
@@ -412,7 +411,7 @@ def optimise_batch(
             if bar is not None: bar.update(1)
             if callback is not None: callback(runs[j])
 
-# %% ../nbs/04_stage2.ipynb #55253705
+# %% ../nbs/04_stage2.ipynb #1e66b7ce
 def run_images(
     m:Components,  # networks from `load_models`
     path:Path,  # decoded.h5
@@ -448,7 +447,7 @@ def run_images(
             optimise_batch(m, runs, uc, {k: v.to(m.device) for k, v in d["targets"].items()}, masks, cfg, s1, seed, callback, bar)
     return [folder(r) for r in rows]
 
-# %% ../nbs/04_stage2.ipynb #9ab35cb5
+# %% ../nbs/04_stage2.ipynb #8b55c6c6
 def show_run(
     folders:list,  # image folders written by `run_images`
     stimuli:np.ndarray|None=None,  # uint8 stimuli (n, H, W, 3) in the same order, shown first; None: none
@@ -475,7 +474,7 @@ def show_run(
     for ax_ in axs.flat: ax_.set_axis_off()
     return fig, fig2
 
-# %% ../nbs/04_stage2.ipynb #ef5c9997
+# %% ../nbs/04_stage2.ipynb #0c931eec
 SYNTHETIC_RUN = dict(n_iters=2, max_images=1)  # the demo's size on the synthetic tree when n_iters / max_images are None
 
 def stage1_settings(
@@ -507,15 +506,7 @@ def reconstruct(
     progress:bool=True,  # show a progress bar
 ) -> list:  # the image folders of this shard
     "Stage 2 for a subject's decoded test images: `<out_dir>/subjNN/stage2/<nsd_id>/`."
-    dec = decoded_path(out_dir, subject)
-    root = resolve_data_root(data_root, out_dir, verbose=False)
-    synthetic = is_synthetic(root)
-    models, clip_model = resolve_model_ids(models, clip_model, synthetic)
-    check_models_for_data(models, clip_model, synthetic, allow_mix)
-    src = _provenance(dec.parent)
-    if "tiny" in (models, src.get("models", models)) and src.get("models", models) != models: raise ValueError(
-        f"{dec} holds features made with models={src['models']!r}; stage 2 with models={models!r} would compare them "
-        f"with other networks: pass models={src['models']!r}, or remake features and decoded.h5 with {models!r}.")
+    dec, synthetic, models, clip_model, src = stage_inputs(out_dir, subject, data_root, models, clip_model, allow_mix)
     if n_iters is None: n_iters = SYNTHETIC_RUN["n_iters"] if synthetic else cfg.n_iters
     cfg = replace(cfg, n_iters=int(n_iters)).check()
     if max_images is None and synthetic: max_images = SYNTHETIC_RUN["max_images"]

@@ -87,7 +87,7 @@ def test_decoded_of_other_models_is_refused(synth_root, tmp_path, tiny):
     with pytest.raises(ValueError, match="width 768"):
         s1.run_stage1(1, synth_root, tmp_path/"runs", cfg=SMALL, progress=False)
     with h5py.File(path, "a") as f: f.attrs["models"] = "CompVis/stable-diffusion-v1-4"
-    with pytest.raises(ValueError, match="holds latents made with models='CompVis/stable-diffusion-v1-4'"):
+    with pytest.raises(ValueError, match="holds features made with models='CompVis/stable-diffusion-v1-4'"):
         s1.run_stage1(1, synth_root, tmp_path/"runs", cfg=SMALL, progress=False)
 
 
