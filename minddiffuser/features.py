@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 
 import minddiffuser
 from .models import Components, check_models_for_data, load_models, resolve_model_ids
-from .nsd_data import (input_data_root, is_synthetic, read_captions, read_images, resolve_data_root,
-                                   resolve_out_dir)
+from .nsd_data import input_data_root, is_synthetic, read_captions, read_images, resolve_out_dir
 
 # %% ../nbs/01_features.ipynb #4680f8f7
 INTERPOLATIONS = ("bilinear", "bicubic")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .features import FEATURE_CFG, FeatureConfig, caption_embeddings, row_seeds
 from .models import Components, check_models_for_data, load_models, resolve_model_ids
-from .nsd_data import input_data_root, is_synthetic, resolve_data_root, resolve_out_dir, subject_dir
+from .nsd_data import input_data_root, is_synthetic, resolve_out_dir, subject_dir
 
 # %% ../nbs/03_stage1.ipynb #b7f42c33
 @dataclass(frozen=True)
