@@ -84,8 +84,7 @@ def measure(spec:dict) -> dict:
     top = FULL if spec["size"] in ("full", "twins") else REDUCED
     if spec["size"] == "twins":
         from minddiffuser.models import write_full_size_twins
-        from minddiffuser.nsd_data import resolve_out_dir
-        sd, ck = write_full_size_twins(resolve_out_dir("runs") / "full_size_twins")
+        sd, ck = write_full_size_twins()
         m = load_models(str(sd), str(ck), device=dev)
     else:
         mcfg = replace(MODEL_CFG, tiny_unet=top["unet"], tiny_vae=top["vae"], tiny_text_encoder=top["text"], tiny_clip=top["clip"])

@@ -24,6 +24,8 @@ from open_clip.pretrained import get_pretrained_cfg
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .nsd_data import resolve_out_dir
+
 # %% ../nbs/01a_models.ipynb #d8cbffcb
 @dataclass(frozen=True)
 class ModelConfig:
@@ -261,13 +263,14 @@ def sd_pipeline(
 
 # %% ../nbs/01a_models.ipynb #8683588e
 def write_full_size_twins(
-    folder,  # where to write `sd-v1-4/` (a diffusers folder) and `ViT-B-32-openai.bin` (an open_clip checkpoint)
+    folder=None,  # where to write `sd-v1-4/` (diffusers) and `ViT-B-32-openai.bin` (open_clip); None: runs/full_size_twins
     seed:int=0,  # seed of the random weights (network k gets seed + k)
     dtype:torch.dtype=torch.float16,  # dtype of the weights on disk
     cfg:ModelConfig=MODEL_CFG,  # the configs
 ) -> tuple:  # (models folder, clip checkpoint file), for `load_models(models=..., clip_model=...)`
     "Seeded random-weight Stable Diffusion v1-4 and OpenAI CLIP ViT-B/32 at full size, in the real on-disk formats."
-    folder = Path(folder); sd, clip = folder / "sd-v1-4", folder / "ViT-B-32-openai.bin"
+    folder = Path(folder) if folder is not None else resolve_out_dir("runs") / "full_size_twins"
+    sd, clip = folder / "sd-v1-4", folder / "ViT-B-32-openai.bin"
     record = dict(seed=int(seed), dtype=str(dtype), unet=cfg.sd_unet, vae=cfg.sd_vae, text_encoder=cfg.sd_text_encoder,
                   scheduler=cfg.sd_scheduler, clip=cfg.clip_arch, quick_gelu=cfg.clip_quick_gelu)
     marker = folder / "TWINS.json"

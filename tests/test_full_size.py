@@ -50,7 +50,7 @@ def _keep_rows(fmri:Path, n_train:int, n_test:int):
 
 def test_chain_at_full_size(tmp_path):
     t0, times = time.time(), {}
-    sd, ck = write_full_size_twins(resolve_out_dir("runs")/"full_size_twins")
+    sd, ck = write_full_size_twins()
     root, out = write_synthetic_nsd(tmp_path/"nsd", subjects=(1,)), tmp_path/"runs"
     _keep_rows(build_fmri(root, 1, out, n_sessions=3), N_TRAIN, N_TEST)
     times["00"] = time.time() - t0
