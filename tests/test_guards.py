@@ -51,7 +51,7 @@ def _real_like(tmp_path):
 def test_cli_refuses_in_one_line_and_writes_nothing(tmp_path, no_nsd, args, env, says):
     out = tmp_path/"runs"
     p = subprocess.run(CLI + args + ["--out-dir", str(out)], cwd=tmp_path, capture_output=True, text=True,
-                       env={k: v for k, v in os.environ.items() if k != "MINDDIFFUSER_DATA"} | env, timeout=300)
+                       env={k: v for k, v in os.environ.items() if k != "MINDDIFFUSER_DATA"} | env, timeout=1800)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr and p.stdout == ""
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("minddiffuser: error: ")
@@ -62,7 +62,7 @@ def test_cli_refuses_in_one_line_and_writes_nothing(tmp_path, no_nsd, args, env,
 def test_cli_refuses_real_root_without_the_subjects_files(tmp_path, no_nsd):
     real = _real_like(tmp_path)
     p = subprocess.run(CLI + ["--subject", "1", "--data-root", str(real), "--out-dir", str(tmp_path/"runs")],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=1800)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "nsd_expdesign.mat is missing from the NSD root" in p.stderr and "minddiffuser download --subject 1" in p.stderr
     assert _tree(tmp_path) == ["real_nsd"]
@@ -72,7 +72,7 @@ def test_cli_refuses_twins_on_real_data_unless_allowed(tmp_path, no_nsd):
     real, sd = _real_like(tmp_path), tmp_path/"runs/subj01"
     sd.mkdir(parents=True); (sd/"fmri.h5").touch()
     base = CLI + ["--subject", "1", "--data-root", str(real), "--out-dir", str(tmp_path/"runs"), "--only", "01", "-p", "models", "tiny"]
-    p = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(base, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 2 and "models = 'tiny' (random weights) with real NSD" in p.stderr and "-p allow_mix true" in p.stderr
     assert _tree(tmp_path/"runs") == ["subj01", "subj01/fmri.h5"]
 
