@@ -18,7 +18,6 @@ from pathlib import Path
 import papermill as pm
 from papermill.exceptions import PapermillExecutionError
 
-from .models import check_models_for_data, resolve_model_ids
 from .nsd_data import (SyntheticConfig, configured_data_root, is_synthetic, load_manifest, nsd_path, project_root,
                                    resolve_data_root, resolve_out_dir, subject_dir, synthetic_info, write_synthetic_nsd)
 
@@ -139,8 +138,9 @@ def check_chain(subject:int, # NSD subject
             for f in (nsd_path(root, "expdesign"), nsd_path(root, "betas", subject=int(subject), session=1)):
                 if not f.exists(): raise CheckError(f"{f} is missing from the NSD root {root}: fetch it with "
                                                     f"`minddiffuser download --subject {subject} --data-root {root}`.")
-    models, clip_model = resolve_model_ids(params.get("models"), params.get("clip_model"), synthetic)
     if any(nb.name[:2] in ("01", "03", "04") for nb in notebooks):
+        from minddiffuser.models import check_models_for_data, resolve_model_ids  # torch & co. only when networks are involved
+        models, clip_model = resolve_model_ids(params.get("models"), params.get("clip_model"), synthetic)
         try: check_models_for_data(models, clip_model, synthetic, bool(params.get("allow_mix", False)))
         except ValueError as e: raise CheckError(str(e).replace("allow_mix=True", "-p allow_mix true")) from None
     sd, made = resolve_out_dir(out_dir)/f"subj{int(subject):02d}", set()
