@@ -16,6 +16,13 @@ in the same run.
     python bench/stage2.py --quick            # a minute: batches 1 and 2, 7 denoising steps
     python bench/stage2.py                    # CPU: batches 1/4/16, the authors' 35 steps (~8 min on 2 cores)
     python bench/stage2.py --device cuda      # GPU: full-size networks
+    python bench/stage2.py --full-size        # CPU, full size: SD v1-4 and ViT-B/32 twins loaded from disk, batch 1
+                                              # (writes them once to runs/full_size_twins; ~40 min per iteration on 2 cores)
+
+`--full-size` loads seeded random-weight twins with SD v1-4's and ViT-B/32's exact configs through the real loaders
+(`write_full_size_twins`, `load_models(folder, checkpoint)`) and times the authors' configuration: one image, 64x64
+latents, back-propagation through all 35 denoising steps with checkpointing. No warm-up iteration (it would cost as
+much as a timed one); the peak is also given as the whole process's resident-set high-water mark.
 """
 import argparse
 import ctypes
@@ -74,9 +81,14 @@ def measure(spec:dict) -> dict:
     from minddiffuser.stage2 import Stage2Config, iteration_noise, layer_weights, stage2_forward
     dev = torch.device(spec["device"])
     if dev.type == "cpu": torch.set_num_threads(spec["threads"])
-    top = FULL if spec["size"] == "full" else REDUCED
-    mcfg = replace(MODEL_CFG, tiny_unet=top["unet"], tiny_vae=top["vae"], tiny_text_encoder=top["text"], tiny_clip=top["clip"])
-    m = load_models("tiny", "tiny", device=dev, seed=0, cfg=mcfg)
+    top = FULL if spec["size"] in ("full", "twins") else REDUCED
+    if spec["size"] == "twins":
+        from minddiffuser.models import write_full_size_twins
+        sd, ck = write_full_size_twins()
+        m = load_models(str(sd), str(ck), device=dev)
+    else:
+        mcfg = replace(MODEL_CFG, tiny_unet=top["unet"], tiny_vae=top["vae"], tiny_text_encoder=top["text"], tiny_clip=top["clip"])
+        m = load_models("tiny", "tiny", device=dev, seed=0, cfg=mcfg)
     s1 = replace(STAGE1, **spec["stage1"])
     cfg = Stage2Config(checkpoint=spec["checkpoint"], grad_last_k=spec["grad_last_k"], autocast=spec["autocast"])
     B, h, D = spec["batch"], spec.get("latent") or top["latent"], m.clip_tokens * m.clip_width
@@ -100,7 +112,7 @@ def measure(spec:dict) -> dict:
 
     def sync():
         if dev.type == "cuda": torch.cuda.synchronize()
-    iteration(*inputs(1 if dev.type == "cpu" else B))  # warm-up (batch 1 on the CPU: it costs a whole iteration)
+    if spec.get("warmup", True): iteration(*inputs(1 if dev.type == "cpu" else B))  # warm-up (batch 1 on the CPU: a whole iteration)
     x = inputs(B)
     gc.collect(); sync()
     if dev.type == "cuda":
@@ -112,7 +124,8 @@ def measure(spec:dict) -> dict:
     for _ in range(spec["iters"]):
         t0 = time.perf_counter(); iteration(*x); sync(); secs.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else _mib(_status("VmHWM") - base)
-    return dict(spec, sec_per_iter=min(secs), peak_mib=peak)  # the fastest iteration: least disturbed by other work
+    total = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _mib(_status("VmHWM"))
+    return dict(spec, sec_per_iter=min(secs), secs=secs, peak_mib=peak, peak_total_mib=total)  # the fastest iteration: least disturbed by other work
 
 
 def run_one(spec:dict, timeout:float) -> dict:
@@ -141,6 +154,7 @@ def main(argv=None):
                     help="GiB: skip configurations whose peak, extrapolated from batch 1, would exceed it (default cpu 8)")
     ap.add_argument("--autocast", default=None, help="bf16 / fp16 autocast (CUDA)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per configuration")
+    ap.add_argument("--full-size", action="store_true", help="CPU: SD v1-4 / ViT-B/32 twins at full size from disk, batch 1, checkpointing")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -154,6 +168,10 @@ def main(argv=None):
                 iters=a.iters or (3 if cuda else 1), autocast=a.autocast, latent=a.latent or (64 if cuda else 16))
     budget = a.mem_budget or (None if cuda else 8.0)
     grid = [dict(base, batch=b, checkpoint=ck, grad_last_k=gk) for ck in (False, True) for gk in (None, k) for b in batches]
+    if a.full_size:
+        base |= dict(size="twins", latent=64, warmup=False)
+        grid = [dict(base, batch=1, checkpoint=True, grad_last_k=None)]
+        a.timeout = max(a.timeout, 4 * 3600)
     grid.sort(key=lambda s: (s["batch"], s["checkpoint"], s["grad_last_k"] is not None))  # baseline first, then batch 1
     steps = (stage1 or {}).get("t_start", 35)
     lat = base["latent"]
@@ -179,6 +197,12 @@ def main(argv=None):
     get = lambda b, ck, gk: next((r for r in ok if (r["batch"], r["checkpoint"], r["grad_last_k"]) == (b, ck, gk)), None)
     mem = [(b, get(b, False, None), get(b, True, None)) for b in batches]
     mem = [(b, off["peak_mib"] / on["peak_mib"]) for b, off, on in mem if off and on]
+    if a.full_size:
+        for r in ok: print(f"\nfull size on {a.device} ({a.threads} threads): {r['sec_per_iter']:.0f} s per stage-2 iteration of one image "
+                           f"(each timed iteration: {', '.join(f'{s:.0f} s' for s in r['secs'])}); peak memory {r['peak_mib'] / 1024:.1f} GiB "
+                           f"above the loaded networks, {r['peak_total_mib'] / 1024:.1f} GiB for the whole process")
+        if a.json: Path(a.json).write_text(json.dumps(rows, indent=1))
+        return 0
     print("\ncheckpointing cuts peak memory by " + ", ".join(f"{x:.1f}x at batch {b}" for b, x in mem) + " (goal >= 3x)")
     one, big = get(1, True, None), get(max(batches), True, None)
     if one and big and big is not one:

@@ -22,8 +22,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import minddiffuser
-from .models import Components, load_models, resolve_model_ids
-from .nsd_data import is_synthetic, read_captions, read_images, resolve_data_root, subject_dir
+from .models import Components, check_models_for_data, load_models, resolve_model_ids
+from .nsd_data import input_data_root, is_synthetic, read_captions, read_images, resolve_out_dir
 
 # %% ../nbs/01_features.ipynb #4680f8f7
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -290,7 +290,7 @@ def features_path(
     subject:int,  # NSD subject
 ) -> Path:
     "`<out_dir>/subjNN/features.h5`, or an error that says how to write it."
-    p = subject_dir(out_dir, subject) / "features.h5"
+    p = resolve_out_dir(out_dir) / f"subj{int(subject):02d}" / "features.h5"
     if not p.exists(): raise FileNotFoundError(
         f"{p} is missing: run `minddiffuser run --subject {subject} --only 01` (or `papermill nbs/01_features.ipynb "
         f"out.ipynb -p subject {subject}`) first.")
@@ -308,15 +308,16 @@ def extract_features(
     seed:int=0,  # seed of the posterior samples and of the tiny weights
     cfg:FeatureConfig=FEATURE_CFG,  # how the spaces are computed
     overwrite:bool=False,  # recompute a file written with other settings
+    allow_mix:bool=False,  # allow tiny models on real data and real models on synthetic data
 ) -> Path:
     "Write `<out_dir>/subjNN/features.h5` for the train and test images of `fmri.h5`."
     cfg.check()
     if int(batch_size) < 1: raise ValueError(f"batch_size={batch_size} must be at least 1")
-    root = resolve_data_root(data_root, out_dir, verbose=False)
-    fmri = subject_dir(out_dir, subject) / "fmri.h5"
+    fmri = resolve_out_dir(out_dir) / f"subj{int(subject):02d}" / "fmri.h5"
     if not fmri.exists(): raise FileNotFoundError(
         f"{fmri} is missing: run `minddiffuser run --subject {subject} --only 00` (or `papermill nbs/00_nsd_data.ipynb "
         f"out.ipynb -p subject {subject}`) first.")
+    root = input_data_root(data_root, out_dir, subject)
     with h5py.File(fmri, "r") as f:
         ids = {s: f[f"{s}/nsd_id"][:] for s in ("train", "test")}
         built_from = str(f.attrs.get("data_root", ""))
@@ -324,8 +325,7 @@ def extract_features(
         f"{fmri} was built from {built_from}, not from {root}: pass data_root={built_from!r}, or rebuild fmri.h5 from this root.")
     synthetic = is_synthetic(root)
     models, clip_model = resolve_model_ids(models, clip_model, synthetic)
-    if not synthetic and "tiny" in (models, clip_model):
-        print(f"Note: real NSD with tiny random-weight models ({models}, {clip_model}): features for testing only.")
+    check_models_for_data(models, clip_model, synthetic, allow_mix)
     m = load_models(models, clip_model, device=device, seed=seed)
     attrs = dict(subject=int(subject), data_root=str(root.resolve()), synthetic=bool(synthetic))
     return write_features(fmri.with_name("features.h5"), ids, lambda b: read_images(root, b),

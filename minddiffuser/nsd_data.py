@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLOURS', 'KASTNER', 'PRF_VISUAL', 'load_manifest', 'nsd_path', 'project_root', 'resolve_out_dir',
-           'subject_dir', 'is_synthetic', 'synthetic_info', 'resolve_data_root', 'SyntheticConfig', 'random_scene',
-           'render_scene', 'scene_captions', 'scene_features', 'write_synthetic_nsd', 'read_expdesign', 'check_subject',
-           'trial_images', 'read_ctab', 'roi_voxels', 'read_session', 'zscore_session', 'build_fmri', 'load_fmri',
-           'read_images', 'read_captions']
+           'subject_dir', 'is_synthetic', 'synthetic_info', 'configured_data_root', 'resolve_data_root',
+           'input_data_root', 'SyntheticConfig', 'random_scene', 'render_scene', 'scene_captions', 'scene_features',
+           'write_synthetic_nsd', 'read_expdesign', 'check_subject', 'trial_images', 'read_ctab', 'roi_voxels',
+           'read_session', 'zscore_session', 'build_fmri', 'load_fmri', 'read_images', 'read_captions']
 
 # %% ../nbs/00_nsd_data.ipynb #1f5678ce
 import functools
@@ -79,26 +79,43 @@ def synthetic_info(root) -> dict:
     return json.loads(nsd_path(root, "synthetic_marker").read_text())
 
 # %% ../nbs/00_nsd_data.ipynb #3a89912b
+def configured_data_root(data_root=None # NSD root, "demo", or None to look it up
+                        ) -> tuple:
+    "`(root, source)` of the NSD root asked for: argument, else $MINDDIFFUSER_DATA, else the manifest's; `(None, None)` for the demo tree. Writes nothing."
+    if data_root is not None: return (None, None) if str(data_root) == "demo" else (Path(data_root).expanduser(), "argument")
+    if os.environ.get("MINDDIFFUSER_DATA"): return Path(os.environ["MINDDIFFUSER_DATA"]).expanduser(), "$MINDDIFFUSER_DATA"
+    if load_manifest().get("data_root"): return Path(load_manifest()["data_root"]).expanduser(), "data_manifest.yaml"
+    return None, None
+
 def resolve_data_root(data_root=None, # NSD root, "demo" for the synthetic tree, or None to look it up
                       out_dir="runs", # where the demo tree is written if it is needed
                       seed:int=0, # seed of the demo tree
                       verbose:bool=True # say which tree is used
                      ) -> Path:
     "The NSD root: argument, else $MINDDIFFUSER_DATA, else the manifest's data_root, else the synthetic demo tree."
-    src = "argument"
-    if data_root is None and os.environ.get("MINDDIFFUSER_DATA"): data_root, src = os.environ["MINDDIFFUSER_DATA"], "$MINDDIFFUSER_DATA"
-    if data_root is None and load_manifest().get("data_root"): data_root, src = load_manifest()["data_root"], "data_manifest.yaml"
-    if data_root is None or str(data_root) == "demo":
+    root, src = configured_data_root(data_root)
+    if root is None:
         root = resolve_out_dir(out_dir)/"demo_nsd"
         if not is_synthetic(root): write_synthetic_nsd(root, seed=seed)
         if verbose: print(f"Using the synthetic demo NSD at {root} (no real NSD configured: set $MINDDIFFUSER_DATA "
                           f"or pass data_root; `minddiffuser download --subject N --data-root DIR` fetches it).")
         return root
-    root = Path(data_root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"NSD root {root} (from {src}) does not exist. Fetch NSD with "
                                 f"`minddiffuser download --subject N --data-root {root}`, or point $MINDDIFFUSER_DATA at your copy.")
     return root
+
+def input_data_root(data_root, # NSD root, or None
+                    out_dir, # artifacts folder
+                    subject:int # NSD subject
+                   ) -> Path:
+    "The NSD root a later chapter reads: as configured, else the one `subjNN/fmri.h5` was built from, else the demo tree."
+    if configured_data_root(data_root)[0] is None and str(data_root) != "demo":
+        fmri = resolve_out_dir(out_dir)/f"subj{int(subject):02d}"/"fmri.h5"
+        if fmri.exists():
+            with h5py.File(fmri, "r") as f: built = str(f.attrs.get("data_root", ""))
+            if built and Path(built).is_dir(): return Path(built)
+    return resolve_data_root(data_root, out_dir, verbose=False)
 
 # %% ../nbs/00_nsd_data.ipynb #5cdd109b
 @dataclass(frozen=True)

@@ -4,8 +4,7 @@
 
 # %% auto #0
 __all__ = ['STAGE1', 'STAGE1_CONSISTENT', 'Stage1Config', 'stage1_timesteps', 'uncond_embedding', 'Stage1Output', 'ddim_img2img',
-           'decode_latents', 'write_fake_decoded', 'check_models_for_data', 'decoded_path', 'stage_inputs', 'to_uint8',
-           'run_stage1']
+           'decode_latents', 'write_fake_decoded', 'decoded_path', 'stage_inputs', 'to_uint8', 'run_stage1']
 
 # %% ../nbs/03_stage1.ipynb #25bddb4c
 import hashlib
@@ -26,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .features import FEATURE_CFG, FeatureConfig, caption_embeddings, row_seeds
-from .models import Components, load_models, resolve_model_ids
-from .nsd_data import is_synthetic, resolve_data_root, subject_dir
+from .models import Components, check_models_for_data, load_models, resolve_model_ids
+from .nsd_data import input_data_root, is_synthetic, resolve_out_dir, subject_dir
 
 # %% ../nbs/03_stage1.ipynb #b7f42c33
 @dataclass(frozen=True)
@@ -193,28 +192,12 @@ def write_fake_decoded(
     return Path(path)
 
 # %% ../nbs/03_stage1.ipynb #729b0623
-def check_models_for_data(
-    models:str,  # resolved SD source ("tiny", hub id or folder)
-    clip_model:str,  # resolved CLIP source
-    synthetic:bool,  # whether the data are the synthetic NSD
-    allow_mix:bool=False,  # allow tiny models on real data and real models on synthetic data
-):
-    "Refuse tiny models on real NSD and real models on the synthetic tree, unless `allow_mix`."
-    tiny = [k for k, v in (("models", models), ("clip_model", clip_model)) if v == "tiny"]
-    if allow_mix: return
-    if not synthetic and tiny: raise ValueError(
-        f"{' and '.join(tiny)} = 'tiny' (random weights) with real NSD data: pass the real networks "
-        f"(models=None resolves to CompVis/stable-diffusion-v1-4), or allow_mix=True to run the twins anyway.")
-    if synthetic and len(tiny) < 2: raise ValueError(
-        f"real networks ({models}, {clip_model}) on the synthetic demo NSD, whose features come from the tiny twins: "
-        f"pass models=None and clip_model=None (tiny), point data_root at real NSD, or allow_mix=True.")
-
 def decoded_path(
     out_dir,  # artifacts folder
     subject:int,  # NSD subject
 ) -> Path:
     "`<out_dir>/subjNN/decoded.h5`, or an error that says how to write it."
-    p = subject_dir(out_dir, subject) / "decoded.h5"
+    p = resolve_out_dir(out_dir) / f"subj{int(subject):02d}" / "decoded.h5"
     if not p.exists(): raise FileNotFoundError(
         f"{p} is missing: run `minddiffuser run --subject {subject} --only 02` (or `papermill nbs/02_ridge.ipynb "
         f"out.ipynb -p subject {subject}`) first; it needs fmri.h5 and features.h5 (`--only 00 01 02` makes all three).")
@@ -237,7 +220,7 @@ def stage_inputs(out_dir, # artifacts folder
                 ) -> tuple:
     "What a reconstruction stage runs on: (decoded.h5, synthetic?, models, clip_model, provenance), checked before any work."
     dec = decoded_path(out_dir, subject)
-    synthetic = is_synthetic(resolve_data_root(data_root, out_dir, verbose=False))
+    synthetic = is_synthetic(input_data_root(data_root, out_dir, subject))
     models, clip_model = resolve_model_ids(models, clip_model, synthetic)
     check_models_for_data(models, clip_model, synthetic, allow_mix)
     src = _provenance(dec.parent)
