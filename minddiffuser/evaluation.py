@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .models import MODEL_CFG, _check_clip_source, _offline, _real_clip_visual, _seeded, load_models
 from .models import resolve_model_ids
-from .nsd_data import is_synthetic, load_manifest, read_images, resolve_data_root, resolve_out_dir
+from .nsd_data import input_data_root, is_synthetic, load_manifest, read_images, resolve_out_dir
 from .stage1 import _provenance, decoded_path
 from .stage2 import show_run
 
@@ -622,7 +622,7 @@ def evaluate_subject(
     dec = decoded_path(out_dir, subject); subj = dec.parent
     acc = c_accuracy(dec)
     sets = open_recon_sets(recon, acc.index, subj, subject)
-    root = resolve_data_root(data_root, out_dir, verbose=False)
+    root = input_data_root(data_root, out_dir, subject)  # run alone: the NSD root fmri.h5 was built from
     synthetic = is_synthetic(root)
     metric_nets, clip_model = _nets_for_data(metric_nets, clip_model, synthetic, allow_mix)
     if metric_nets == "pretrained": check_metric_weights(names, convention, clip_model, cfg)
@@ -671,7 +671,7 @@ def write_figures(
 ) -> dict:  # {name: png path}
     "The Fig. 4 grid, the metric distributions and stage 2's trajectories, saved under eval/ (dpi 100)."
     subj = resolve_out_dir(out_dir) / f"subj{summary['subject']:02d}"; out = subj / "eval"
-    root = resolve_data_root(data_root, out_dir, verbose=False)
+    root = input_data_root(data_root, out_dir, summary["subject"])
     table = pd.read_csv(out / "per_image.csv")
     sets = {k: open_recon(k, v["folder"], table["nsd_id"].unique()) for k, v in summary["sets"].items()}
     common = reduce(np.intersect1d, [s.ids for s in sets.values()])
