@@ -75,6 +75,14 @@ def pages(proc:Path) -> list:
     return out
 
 
+_PANDOC_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)\{([^{}]*)\}")
+
+
+def html_links(text:str) -> str:
+    "Pandoc's link attributes (`[source](url){target=\"_blank\"}`, in show_doc's output), which Quarto reads, as HTML."
+    return _PANDOC_LINK.sub(lambda m: f'<a href="{m.group(2)}" {m.group(3)}>{m.group(1)}</a>', text)
+
+
 def relink(text:str, doc_url:str, names:dict) -> str:
     "Doc links to the published site made relative, and links to notebooks pointed at their pages."
     text = text.replace(doc_url, "")
@@ -101,7 +109,7 @@ def prepare(nb, fm:dict, doc_url:str, names:dict):
         c.metadata["tags"] = sorted(tags)
         for o in c.get("outputs", []):
             for k, v in o.get("data", {}).items():
-                if k in ("text/markdown", "text/html"): o["data"][k] = relink(v, doc_url, names)
+                if k in ("text/markdown", "text/html"): o["data"][k] = html_links(relink(v, doc_url, names))
         if c.source.strip() or c.get("outputs"): cells.append(c)
     nb.cells = cells
     nb.metadata.pop("widgets", None)       # widget state would load a widget manager from a CDN
@@ -141,7 +149,8 @@ def build(out:Path, proc:Path|None=None) -> list:
     shutil.copytree(Path(jupyter_server_mathjax.__file__).parent/"static", out/"mathjax")
     shutil.copy(THEME/"site.css", out/"site.css")
     ex = HTMLExporter(template_name="lab", extra_template_paths=[str(THEME)], template_file="page.html.j2",
-                      mathjax_url=MATHJAX_URL, anchor_link_text="¶")
+                      mathjax_url=MATHJAX_URL, anchor_link_text="¶",
+                      exclude_input_prompt=True, exclude_output_prompt=True)
     ex.register_preprocessor(TagRemovePreprocessor(remove_input_tags=("remove_input",), enabled=True), enabled=True)
     written = []
     for p, fm in entries:
