@@ -90,7 +90,9 @@ _STATE = """() => ({
   ids: Array.from(document.querySelectorAll('[id]')).map(e => e.id),
   title: document.title, h1: (document.querySelector('h1') || {}).innerText || '',
   text: document.querySelector('main').innerText.length,
-  pandoc: /\]\(|\{target=/.test(document.querySelector('main').innerText)
+  pandoc: Array.from(document.querySelectorAll('.jp-MarkdownOutput')).map(e => {
+            const c = e.cloneNode(true); c.querySelectorAll('code, pre, script, .MathJax, .MathJax_Display').forEach(x => x.remove());
+            return c.textContent; }).filter(t => /\]\(|\{target=/.test(t)).map(t => t.slice(0, 200))
 })"""
 
 
@@ -118,7 +120,7 @@ def test_site_in_browser(served):
             assert not errors, f"{href}: {errors}"
             assert st["h1"].strip() and st["title"].strip(), href
             assert st["text"] > 500, f"{href}: a page with almost no text ({st['text']} characters)"
-            assert not st["pandoc"], f"{href}: Markdown or Pandoc syntax shown as text"
+            assert not st["pandoc"], f"{href}: Markdown or Pandoc syntax shown as text: {st['pandoc'][:2]}"
             assert all(i["ok"] for i in st["imgs"]), f"{href}: images that did not load {[i for i in st['imgs'] if not i['ok']]}"
             assert st["mathErrors"] == 0 and not st["raw"], f"{href}: maths not rendered: {st['raw'][:3]}"
             pages[href] = st
