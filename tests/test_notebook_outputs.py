@@ -1,0 +1,93 @@
+"""The notebooks carry their outputs (made by `python tools/notebook_outputs.py`): every figure cell has its figure,
+outputs stay small and clean, and executing the notebooks again reproduces them without error."""
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p for p in (ROOT/"nbs").glob("*.ipynb") if not p.name.startswith("_"))
+MAX_BYTES = 600_000          # tools/notebook_outputs.py's limit: well under 1 MB
+_PLT = {"subplots", "figure", "imshow", "plot", "show", "hist", "bar", "scatter", "matshow", "subplot"}
+_FIX = "run `python tools/notebook_outputs.py` and commit the notebooks"
+
+
+def _top_level_calls(nodes):
+    "Calls made when the cell runs (not inside the functions and classes it defines)."
+    for n in nodes:
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)): continue
+        if isinstance(n, ast.Call): yield n
+        yield from _top_level_calls(list(ast.iter_child_nodes(n)))
+
+
+def draws_figure(src:str) -> bool:
+    "Whether a cell draws a figure when it runs: a `plt.subplots`-like call, or a `show_*`/`plot_*` helper."
+    try: tree = ast.parse("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!"))))
+    except SyntaxError: return False
+    for c in _top_level_calls(tree.body):
+        f = c.func
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "plt" and f.attr in _PLT: return True
+        if isinstance(f, ast.Name) and re.match(r"(show|plot)_", f.id): return True
+    return False
+
+
+def figure_cells(nb:dict) -> list:
+    "Ids of the cells that draw a figure and are run by the outputs command (not tagged `skip-execution`)."
+    return [c["id"] for c in nb["cells"] if c["cell_type"] == "code" and draws_figure("".join(c["source"]))
+            and not re.search(r"^#\|\s*export", "".join(c["source"]), re.M)
+            and "skip-execution" not in c.get("metadata", {}).get("tags", [])]
+
+
+def image_cells(nb:dict) -> list:
+    return [c["id"] for c in nb["cells"] if c["cell_type"] == "code"
+            and any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+
+
+def test_draws_figure():
+    assert draws_figure("fig, axs = plt.subplots(1, 4)\nax.imshow(x)")
+    assert draws_figure("show_run(folders, stim);") and draws_figure("_ax = plot_accuracy(_out)")
+    assert not draws_figure("def show(x):\n    plt.imshow(x)")        # defines, does not draw
+    assert not draws_figure("import matplotlib.pyplot as plt") and not draws_figure("x = show")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_figure_cells_carry_figures(path):
+    nb = json.loads(path.read_text())
+    missing = [i for i in figure_cells(nb) if i not in image_cells(nb)]
+    assert not missing, f"{path.name}: cells {missing} draw a figure but carry none: {_FIX}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_outputs_small_and_clean(path):
+    text = path.read_text(); nb = json.loads(text)
+    assert len(text.encode()) < MAX_BYTES, f"{path.name} is {len(text.encode())/1e3:.0f} kB"
+    assert set(nb["metadata"]) <= {"kernelspec", "jupytext"}, nb["metadata"].keys()
+    for c in nb["cells"]:
+        assert set(c.get("metadata", {})) <= {"tags"}, (path.name, c["id"], c["metadata"])
+        assert "injected-parameters" not in c.get("metadata", {}).get("tags", [])
+        if c["cell_type"] != "code": continue
+        assert c["execution_count"] is None, (path.name, c["id"])
+        for o in c["outputs"]:
+            assert o["output_type"] != "error", (path.name, c["id"], o.get("ename"), o.get("evalue"))
+            assert o.get("execution_count") is None
+            out = "".join(o.get("text", "")) + "".join("".join(v) for k, v in o.get("data", {}).items() if k.startswith("text/"))
+            assert not re.search(r"\d+%\|", out), f"{path.name} {c['id']}: a progress bar in the outputs"
+            assert str(ROOT) not in out, f"{path.name} {c['id']}: the checkout's absolute path in the outputs"
+
+
+def test_execution_reproduces_outputs(tmp_path):
+    "Executing every notebook on its defaults (one shared artifacts folder) succeeds and draws the same figures."
+    dest = tmp_path/"nbs"
+    r = subprocess.run([sys.executable, str(ROOT/"tools"/"notebook_outputs.py"), "--dest", str(dest),
+                        "--out-dir", str(tmp_path/"runs")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    for path in NOTEBOOKS:
+        if not (dest/path.name).exists(): continue           # a notebook with no code
+        fresh, committed = json.loads((dest/path.name).read_text()), json.loads(path.read_text())
+        assert [c["id"] for c in fresh["cells"]] == [c["id"] for c in committed["cells"]]
+        assert image_cells(fresh) == image_cells(committed), f"{path.name}: the figures drawn differ from the committed ones: {_FIX}"
+        assert set(figure_cells(fresh)) <= set(image_cells(fresh)), path.name
