@@ -98,8 +98,9 @@ ARTIFACTS = {  # chapter prefix -> (what it needs in subjNN/, what it makes ther
     "00": ((), ("fmri.h5",)),
     "01": (("fmri.h5",), ("features.h5",)),
     "02": (("fmri.h5", "features.h5"), ("decoded.h5",)),  # on synthetic data a planted stand-in replaces missing inputs
-    "03": (("decoded.h5",), ()),
-    "04": (("decoded.h5",), ()),
+    "03": (("decoded.h5",), ("stage1",)),
+    "04": (("decoded.h5",), ("stage2",)),
+    "05": (("decoded.h5", "stage1", "stage2"), ("eval",)),  # with -p recon, only decoded.h5 (the sets are named)
 }
 
 class CheckError(ValueError):
@@ -147,6 +148,7 @@ def check_chain(subject:int, # NSD subject
     for nb in notebooks:
         needs, makes = ARTIFACTS.get(nb.name[:2], ((), ()))
         if nb.name[:2] == "02" and synthetic: needs = ()
+        if nb.name[:2] == "05" and params.get("recon"): needs = ("decoded.h5",)
         for a in needs:
             if a not in made and not (sd/a).exists():
                 maker = next(k for k, v in ARTIFACTS.items() if a in v[1])

@@ -44,6 +44,7 @@ def _real_like(tmp_path):
     (["--subject", "3"], {}, "subject 3 is not in the synthetic demo NSD (subjects 1, 2, 5, 7)"),
     (["--subject", "1", "--only", "03"], {}, "decoded.h5 is missing: 03_stage1.ipynb needs it; `minddiffuser run --subject 1 --only 02`"),
     (["--subject", "1", "--only", "04"], {}, "decoded.h5 is missing: 04_stage2.ipynb needs it"),
+    (["--subject", "1", "--only", "05"], {}, "decoded.h5 is missing: 05_eval.ipynb needs it"),
     (["--subject", "1", "--only", "01"], {}, "fmri.h5 is missing: 01_features.ipynb needs it; `minddiffuser run --subject 1 --only 00`"),
     (["--subject", "1", "-p", "n_iter", "3"], {}, "no notebook of this run declares the parameter(s) n_iter"),
     (["--subject", "1", "--only", "77"], {}, "no chain notebooks match --only 77"),
