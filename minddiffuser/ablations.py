@@ -134,7 +134,10 @@ def derive_decoded(
     rows = np.asarray(rows, np.int64)
     if len(rows) == 0 or (np.diff(rows) != 1).any(): raise ValueError(f"rows must be contiguous and not empty, got {rows[:5]}...")
     path = Path(folder) / f"decoded_rows{rows[0]}-{rows[-1]}.h5"
-    if path.exists(): return path
+    made_by = json.dumps(dict(ablation=asdict(ab), z_seed=cfg.z_seed, z_std=cfg.z_std, roundtrip_seed=cfg.roundtrip_seed))
+    if path.exists():
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("made_by") == made_by: return path  # else remade: chapter 04 then refuses images of the old start
     src = Path(src).resolve(); path.parent.mkdir(parents=True, exist_ok=True)
     sl = slice(int(rows[0]), int(rows[-1]) + 1)
     with h5py.File(src, "r") as f:
@@ -150,7 +153,7 @@ def derive_decoded(
             layout[:] = h5py.VirtualSource(str(src), k, shape=shape)[sl]
             g.create_virtual_dataset(k, layout)
         for k in masks: g[k] = h5py.ExternalLink(str(src), k)
-        g.attrs.update(attrs | dict(derived_from=str(src), rows=[int(rows[0]), int(rows[-1])], ablation=json.dumps(asdict(ab))))
+        g.attrs.update(attrs | dict(derived_from=str(src), rows=[int(rows[0]), int(rows[-1])], made_by=made_by))
     os.replace(tmp, path)
     return path
 
@@ -306,8 +309,8 @@ def plot_tradeoffs(
     t = t2.drop(index="full", errors="ignore")
     for ax, mt in zip(axs[0], names):
         for k, r in t.iterrows():
-            if r[f"d_{mt}"] is None or r["time_vs_full"] is None: continue
-            lo, hi = (r[f"d_{mt}_lo"], r[f"d_{mt}_hi"]) if r[f"d_{mt}_lo"] is not None else (r[f"d_{mt}"],) * 2
+            if pd.isna(r[f"d_{mt}"]) or pd.isna(r["time_vs_full"]): continue
+            lo, hi = (r[f"d_{mt}_lo"], r[f"d_{mt}_hi"]) if pd.notna(r[f"d_{mt}_lo"]) else (r[f"d_{mt}"],) * 2
             ax.errorbar([r["time_vs_full"]], [r[f"d_{mt}"]], yerr=[[r[f"d_{mt}"] - lo], [hi - r[f"d_{mt}"]]], fmt="o", ms=4, capsize=2)
             ax.annotate(k, (r["time_vs_full"], r[f"d_{mt}"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, c="k", lw=0.5); ax.axvline(1, c="k", lw=0.5, ls=":")
