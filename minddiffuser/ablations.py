@@ -268,8 +268,10 @@ def claims(
         p = summary["paired"].get(k, {}).get(scope)
         if p is None: continue
         v = {mt: verdict(d) for mt, d in p.items() if mt in ("clip_b32", "ssim", "pixcorr") or mt in ("clip", "alexnet2")}
-        overall = ("holds" if set(v.values()) == {"holds"} else "contradicted" if set(v.values()) == {"contradicted"}
-                   else "partly holds" if "holds" in v.values() else "undecided")
+        got = set(v.values())
+        overall = ("mixed" if {"holds", "contradicted"} <= got else "holds" if got == {"holds"} else
+                   "contradicted" if got == {"contradicted"} else "partly holds" if "holds" in got else
+                   "partly contradicted" if "contradicted" in got else "undecided")
         n = next(iter(p.values()))["n"]
         out.append(f"{claim}: {overall} ({', '.join(f'{mt} {x}' for mt, x in v.items())}; {n} images, {scope})")
     return out
