@@ -101,6 +101,7 @@ ARTIFACTS = {  # chapter prefix -> (what it needs in subjNN/, what it makes ther
     "03": (("decoded.h5",), ("stage1",)),
     "04": (("decoded.h5",), ("stage2",)),
     "05": (("decoded.h5", "stage1", "stage2"), ("eval",)),  # with -p recon, only decoded.h5 (the sets are named)
+    "06": (("decoded.h5",), ("ablations",)),
 }
 
 class CheckError(ValueError):

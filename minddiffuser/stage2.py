@@ -52,6 +52,7 @@ class Stage2Config:
     embed_scale: float = 0.1  # the 0.1 in front of w (1 - cos)
     optimise: str = "cz"  # "cz": c and z (paper, June script); "z": z only (later script)
     fresh_noise: bool = True  # new noise every iteration (authors); False: iteration 0's noise throughout
+    gradient: bool = True  # False: no backward and no update, each iteration only resamples (chapter 06's control)
     interpolation: str = FEATURE_CFG.clip_interpolation_generated  # resize of generated images to CLIP's input (authors: bicubic)
     save_every: int = 10  # write the image of every k-th iteration (authors: 10)
     state_every: int = 10  # write the resumable state every k iterations
@@ -293,7 +294,7 @@ class ImageRun:
               ):
         "Step the optimiser on the gradients already computed, record the iteration, write what is due."
         k, best = self.iteration, min(self.history["structure"], default=math.inf)
-        lr = optimiser_step(self.opt, self.sched, self.cfg)
+        lr = optimiser_step(self.opt, self.sched, self.cfg) if self.cfg.gradient else 0.0
         for name, v in zip(HISTORY, (loss.total, loss.structure, loss.embed, lr)): self.history[name].append(float(v))
         self.seconds += seconds
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -402,9 +403,10 @@ def optimise_batch(
         c, z = torch.stack([runs[j].c for j in live]), torch.stack([runs[j].z for j in live])
         noise = torch.cat([iteration_noise(seed, runs[j].nsd_id, runs[j].iteration if cfg.fresh_noise else 0, z.shape[1:])
                            for j in live]).to(m.device)
-        images, loss = stage2_forward(m, c, z, uc, noise, {k: v[live] for k, v in targets.items()}, masks, wts[live], cfg, s1)
+        with torch.set_grad_enabled(cfg.gradient):
+            images, loss = stage2_forward(m, c, z, uc, noise, {k: v[live] for k, v in targets.items()}, masks, wts[live], cfg, s1)
         for j in live: runs[j].opt.zero_grad(set_to_none=True)
-        loss.total.sum().backward()  # a sum of independent losses: each image gets its own gradient
+        if cfg.gradient: loss.total.sum().backward()  # a sum of independent losses: each image gets its own gradient
         dt = (time.perf_counter() - t0) / len(live)
         for i, j in enumerate(live):
             runs[j].update(images[i], Stage2Loss(*(x[i].detach() for x in (loss.total, loss.structure, loss.embed))), dt)
