@@ -15,7 +15,7 @@ import os
 import time
 from collections import Counter
 from functools import reduce
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,7 +36,7 @@ from .models import MODEL_CFG, _check_clip_source, _offline, _real_clip_visual, 
 from .models import resolve_model_ids
 from .nsd_data import input_data_root, is_synthetic, load_manifest, read_images, resolve_out_dir
 from .stage1 import _provenance, decoded_path
-from .stage2 import show_run
+from .stage2 import _atomic, show_run
 
 # %% ../nbs/05_eval.ipynb #0f6c30c1
 @dataclass(frozen=True)
@@ -583,10 +583,7 @@ def plot_distributions(
     fig.tight_layout()
     return fig
 
-# %% ../nbs/05_eval.ipynb #8cf2fc04
-def _atomic_write(path:Path, write):
-    tmp = path.with_name(path.name + ".tmp"); write(tmp); os.replace(tmp, path)
-
+# %% ../nbs/05_eval.ipynb #873eebcb
 def _nets_for_data(metric_nets, clip_model, synthetic:bool, allow_mix:bool) -> tuple:
     metric_nets = metric_nets or ("tiny" if synthetic else "pretrained")
     clip_model = resolve_model_ids(None, clip_model, synthetic)[1]
@@ -617,7 +614,7 @@ def evaluate_subject(
 ) -> dict:  # the summary (also written to eval/summary.json)
     "Score every set against the stimuli, on all test images and the paper's subset, and write `eval/`."
     t0, names = time.time(), suite_metrics(metrics)
-    cfg = cfg if batch_size is None else EvalConfig(**{**asdict(cfg), "batch_size": int(batch_size)})
+    cfg = cfg if batch_size is None else replace(cfg, batch_size=int(batch_size))
     cfg.convention(convention)
     dec = decoded_path(out_dir, subject); subj = dec.parent
     acc = c_accuracy(dec)
@@ -657,8 +654,8 @@ def evaluate_subject(
     summary["comparability"] = comparability(summary)
     summary["seconds"] = round(time.time() - t0, 1)
     out = subj / "eval"; out.mkdir(exist_ok=True)
-    _atomic_write(out / "per_image.csv", lambda p: table.to_csv(p, index=False, float_format="%.6g"))
-    _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    _atomic(out / "per_image.csv", lambda p: table.to_csv(p, index=False, float_format="%.6g"))
+    _atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     return summary
 
 # %% ../nbs/05_eval.ipynb #3c683874
@@ -684,6 +681,6 @@ def write_figures(
         figs["trajectories"] = show_run([p.parent for p in traj], read_images(root, rec_ids), n_trajectories)[1]
     paths = {}
     for k, fig in figs.items():
-        _atomic_write(out / f"{k}.png", lambda p: fig.savefig(p, dpi=100, format="png", bbox_inches="tight"))
+        _atomic(out / f"{k}.png", lambda p: fig.savefig(p, dpi=100, format="png", bbox_inches="tight"))
         paths[k] = out / f"{k}.png"
     return paths
