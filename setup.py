@@ -39,7 +39,7 @@ setuptools.setup(
     ] + ["Programming Language :: Python :: " + v for v in py_versions[py_versions.index(min_python):]],
     packages=setuptools.find_packages(include=["minddiffuser", "minddiffuser.*"]),
     include_package_data=True,
-    package_data={"minddiffuser": ["data_manifest.yaml"]},
+    package_data={"minddiffuser": ["data_manifest.yaml", "world/*.json", "world/*/*", "world/*/*/*"]},
     install_requires=requirements,
     extras_require={"dev": dev_requirements},
     python_requires=">=" + min_python,

@@ -33,7 +33,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from tqdm.auto import tqdm
 
 from .models import MODEL_CFG, _check_clip_source, _offline, _real_clip_visual, _seeded, load_models
-from .models import resolve_model_ids
+from .models import is_world, resolve_model_ids
 from .nsd_data import input_data_root, is_synthetic, load_manifest, read_images, resolve_out_dir
 from .stage1 import _provenance, decoded_path
 from .stage2 import _atomic, show_run
@@ -356,8 +356,8 @@ class MetricNet:
 
 # %% ../nbs/05_eval.ipynb #197b71c0
 def _clip_net(net:str, source:str, clip_model:str, seed:int, cfg:EvalConfig, nodes:tuple) -> MetricNet:
-    "The paper metric's ViT-B/32 (`clip_model`) or the field's ViT-L/14 (`source`), with CLIP's preprocessing."
-    if net == "clip_b32":
+    "The paper metric's ViT-B/32 (`clip_model`) or the field's ViT-L/14 (`source`; on the world, its CLIP), with CLIP's preprocessing."
+    if net == "clip_b32" or (source == "tiny" and is_world(clip_model)):  # the world has one CLIP: it serves both
         src = str(clip_model)
         visual = (load_models("tiny", "tiny", device="cpu", seed=seed).clip_visual if src == "tiny"
                   else _real_clip_visual(*_check_clip_source(src, MODEL_CFG)))
@@ -587,12 +587,13 @@ def plot_distributions(
 def _nets_for_data(metric_nets, clip_model, synthetic:bool, allow_mix:bool) -> tuple:
     metric_nets = metric_nets or ("tiny" if synthetic else "pretrained")
     clip_model = resolve_model_ids(None, clip_model, synthetic)[1]
-    tiny = [k for k, v in (("metric_nets", metric_nets), ("clip_model", clip_model)) if v == "tiny"]
-    if not allow_mix and not synthetic and tiny: raise ValueError(
-        f"{' and '.join(tiny)} = 'tiny' (random weights) with real NSD data: the scores would mean nothing. Use the "
-        f"pretrained networks (metric_nets=None, clip_model=None), or allow_mix=True to score with the twins anyway.")
-    if not allow_mix and synthetic and len(tiny) < 2: raise ValueError(
-        "pretrained networks on the synthetic demo NSD: pass metric_nets=None and clip_model=None, or allow_mix=True.")
+    toy = [k for k, v in (("metric_nets", metric_nets), ("clip_model", clip_model)) if v == "tiny" or is_world(v)]
+    if not allow_mix and not synthetic and toy: raise ValueError(
+        f"{' and '.join(toy)}: random twins or the synthetic world's networks with real NSD data: the scores would mean "
+        f"nothing. Use the pretrained networks (metric_nets=None, clip_model=None), or allow_mix=True to score anyway.")
+    if not allow_mix and synthetic and len(toy) < 2: raise ValueError(
+        "pretrained networks on the synthetic demo NSD: pass metric_nets=None and clip_model=None (the world's CLIP and "
+        "the twins), or allow_mix=True.")
     return metric_nets, clip_model
 
 # %% ../nbs/05_eval.ipynb #66b37f7a

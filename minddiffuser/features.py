@@ -10,7 +10,7 @@ __all__ = ['INTERPOLATIONS', 'FEATURE_CFG', 'DESCRIPTIONS', 'FeatureConfig', 'ca
 # %% ../nbs/01_features.ipynb #8820b95c
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,7 @@ class FeatureConfig:
     "How the three feature spaces are computed (spec §2): every number of this chapter in one place."
     n_captions: int = 5  # first COCO captions per image, encoded one by one and averaged
     max_length: int = 15  # tokens per caption: BOS, up to 13 word tokens, EOS, EOS padding (paper: 77, cut to 15)
-    vae_size: int = 512  # side of the stimulus the VAE encodes (SD's 512 -> 64 latent)
+    vae_size: int|None = None  # side of the stimulus the VAE encodes; None: the VAE's sample_size (SD v1-4: 512 -> 64 latent)
     vae_resample: str = "bicubic"  # PIL filter of the resize to `vae_size` (PIL's default, as the authors)
     z_posterior: str = "sample"  # "sample" of the VAE posterior (authors) or its "mean"
     clip_size: int = 224  # side CLIP sees: the whole image resized, no centre crop
@@ -49,6 +49,10 @@ class FeatureConfig:
     def clip_layers(self) -> tuple:
         "Module names (relative to the visual tower) of the kept CLIP layers."
         return tuple(f"transformer.resblocks.{k}.mlp.c_proj" for k in self.clip_blocks)
+
+    def vae_side(self, vae) -> int:
+        "The side the VAE encodes: `vae_size`, or the VAE's own `sample_size` when None."
+        return int(self.vae_size or vae.config.sample_size)
 
     def check(self):
         "Raise on a setting the code does not know; return self."
@@ -172,7 +176,7 @@ def image_features(
     if not len(images) == len(captions) == len(nsd_ids):
         raise ValueError(f"{len(images)} images, {len(captions)} caption lists and {len(nsd_ids)} ids: they must match")
     c = caption_embeddings(m.tokenizer, m.text_encoder, captions, cfg.max_length, cfg.n_captions)
-    z = vae_latents(m.vae, images_to_tensor(images, cfg.vae_size, cfg.vae_resample), row_seeds(seed, nsd_ids), cfg.z_posterior)
+    z = vae_latents(m.vae, images_to_tensor(images, cfg.vae_side(m.vae), cfg.vae_resample), row_seeds(seed, nsd_ids), cfg.z_posterior)
     clip = clip_features(m.clip_visual, images_to_tensor(images), cfg=cfg)
     out = {"c": c, "z": z} | {f"clip/{k}": v for k, v in clip.items()}
     return {k: v.float().cpu().numpy() for k, v in out.items()}
@@ -193,8 +197,9 @@ def feature_layout(
     cfg:FeatureConfig=FEATURE_CFG,  # the feature settings
 ) -> dict:  # {name: (row shape, dtype)}
     "Name, per-row shape and storage dtype of every per-image dataset of features.h5."
-    if cfg.vae_size % m.vae_factor: raise ValueError(f"vae_size={cfg.vae_size} is not a multiple of the VAE's {m.vae_factor}")
-    h = cfg.vae_size // m.vae_factor
+    side = cfg.vae_side(m.vae)
+    if side % m.vae_factor: raise ValueError(f"vae_size={side} is not a multiple of the VAE's {m.vae_factor}")
+    h = side // m.vae_factor
     out = {"c": ((cfg.max_length, m.text_width), "float32"), "z": ((m.latent_channels, h, h), "float32")}
     out |= {f"clip/{n}": ((m.clip_tokens * m.clip_width,), cfg.clip_dtype) for n in cfg.clip_layers}
     return out | {"clip/embed": ((m.clip_embed_dim,), "float32")}
@@ -327,6 +332,7 @@ def extract_features(
     models, clip_model = resolve_model_ids(models, clip_model, synthetic)
     check_models_for_data(models, clip_model, synthetic, allow_mix)
     m = load_models(models, clip_model, device=device, seed=seed)
+    cfg = replace(cfg, vae_size=cfg.vae_side(m.vae))  # the file records the side it used
     attrs = dict(subject=int(subject), data_root=str(root.resolve()), synthetic=bool(synthetic))
     return write_features(fmri.with_name("features.h5"), ids, lambda b: read_images(root, b),
                           lambda b: read_captions(root, b), m, batch_size, seed, cfg, attrs, overwrite)

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .features import FEATURE_CFG, FeatureConfig, caption_embeddings, row_seeds
-from .models import Components, check_models_for_data, load_models, resolve_model_ids
+from .models import Components, check_models_for_data, is_world, load_models, resolve_model_ids
 from .nsd_data import input_data_root, is_synthetic, resolve_out_dir, subject_dir
 
 # %% ../nbs/03_stage1.ipynb #b7f42c33
@@ -224,7 +224,8 @@ def stage_inputs(out_dir, # artifacts folder
     models, clip_model = resolve_model_ids(models, clip_model, synthetic)
     check_models_for_data(models, clip_model, synthetic, allow_mix)
     src = _provenance(dec.parent)
-    if "tiny" in (models, src.get("models", models)) and src.get("models", models) != models: raise ValueError(
+    toy = lambda v: v == "tiny" or is_world(v)  # the twins and the world are networks of their own, never interchangeable
+    if any(map(toy, (models, src.get("models", models)))) and src.get("models", models) != models: raise ValueError(
         f"{dec} holds features made with models={src['models']!r}; running with models={models!r} would use other "
         f"networks (another VAE, another CLIP): pass models={src['models']!r}, or remake features and decoded.h5 with {models!r}.")
     return dec, synthetic, models, clip_model, src

@@ -477,7 +477,7 @@ def show_run(
     return fig, fig2
 
 # %% ../nbs/04_stage2.ipynb #0c931eec
-SYNTHETIC_RUN = dict(n_iters=2, max_images=1)  # the demo's size on the synthetic tree when n_iters / max_images are None
+SYNTHETIC_RUN = dict(n_iters=5, max_images=8, batch_size=8)  # the demo's size on the synthetic tree when n_iters / max_images / batch_size are None
 
 def stage1_settings(
     out_dir,  # artifacts folder
@@ -496,7 +496,7 @@ def reconstruct(
     models:str|None=None,  # "tiny", an SD hub id or folder; None: tiny on synthetic data, SD v1-4 otherwise
     clip_model:str|None=None,  # "tiny", "<arch>/<tag>" or a checkpoint; None: decided by the data, as `models`
     device=None,  # None: cuda if available, else cpu
-    batch_size:int=1,  # images optimised together
+    batch_size:int|None=None,  # images optimised together; None: 1 on real data, `SYNTHETIC_RUN` on the demo tree
     seed:int|None=None,  # noise seed; None: stage 1's
     n_iters:int|None=None,  # iterations; None: `cfg.n_iters` (300) on real data, `SYNTHETIC_RUN` on the demo tree
     max_images:int|None=None,  # first k test images; None: all on real data, `SYNTHETIC_RUN` on the demo tree
@@ -512,6 +512,7 @@ def reconstruct(
     if n_iters is None: n_iters = SYNTHETIC_RUN["n_iters"] if synthetic else cfg.n_iters
     cfg = replace(cfg, n_iters=int(n_iters)).check()
     if max_images is None and synthetic: max_images = SYNTHETIC_RUN["max_images"]
+    if batch_size is None: batch_size = SYNTHETIC_RUN["batch_size"] if synthetic else 1
     s1 = (s1 or stage1_settings(out_dir, subject)).check()
     with h5py.File(dec, "r") as f: rows = select_rows(len(f["nsd_id"]), max_images, shard)
     m = load_models(models, clip_model, device=device, seed=src.get("weights_seed", 0))

@@ -13,3 +13,11 @@ def synth_root(tmp_path_factory):
     "A synthetic NSD tree with subjects 1 and 2, shared by the tests that only read it."
     from minddiffuser.nsd_data import write_synthetic_nsd
     return write_synthetic_nsd(tmp_path_factory.mktemp("nsd")/"nsd", subjects=(1, 2), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_chain(synth_root, tmp_path_factory):
+    "`minddiffuser run --subject 1` on the synthetic NSD at the demo's own sizes (the trained world), once per session."
+    from minddiffuser.chain import run_chain
+    out = tmp_path_factory.mktemp("demo")/"runs"
+    return out/"subj01", run_chain(1, data_root=synth_root, out_dir=out, progress=False)

@@ -54,9 +54,9 @@ def test_cli_entry_point(tmp_path):
     assert out.returncode == 0 and "--data-root" in out.stdout
 
 
-def test_demo_chain_runs_end_to_end(synth_root, tmp_path):
-    "The whole chain on the synthetic NSD with tiny models, shortened through parameters."
-    rec = run_chain(1, data_root=synth_root, out_dir=tmp_path/"runs", progress=False,
-                    params=dict(n_iters=4, max_images=2, batch_size=2))
+def test_demo_chain_runs_end_to_end(demo_chain):
+    "The whole chain on the synthetic NSD with the trained world, at the demo's own sizes (the claims: test_world)."
+    subj, rec = demo_chain
     assert rec["status"] == "ok"
     assert [n["notebook"][:2] for n in rec["notebooks"]] == sorted(n["notebook"][:2] for n in rec["notebooks"])
+    assert {"00", "01", "02", "03", "04", "05", "06"} <= {n["notebook"][:2] for n in rec["notebooks"]}

@@ -44,7 +44,8 @@ def test_papermill_features_aligned_with_fmri(synth_root, tmp_path):
     out = tmp_path/"runs"
     ids = fake_fmri(synth_root, out)
     pm.execute_notebook(str(NBS/"01_features.ipynb"), str(tmp_path/"out.ipynb"), cwd=str(NBS), progress_bar=False,
-                        parameters=dict(subject=1, data_root=str(synth_root), out_dir=str(out), batch_size=4))
+                        parameters=dict(subject=1, data_root=str(synth_root), out_dir=str(out), batch_size=4,
+                                                   models="tiny", clip_model="tiny"))  # the twins: 512-px VAE input
     path = out/"subj01/features.h5"
     m = load_models("tiny", "tiny", device="cpu")
     with h5py.File(path) as f:

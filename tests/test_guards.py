@@ -13,7 +13,7 @@ import pytest
 
 from conftest import NBS
 from minddiffuser.features import extract_features
-from minddiffuser.models import load_models
+from minddiffuser.models import load_models, world_weights
 from minddiffuser.nsd_data import read_expdesign, subject_dir
 from minddiffuser.ridge import PRESETS, RidgeConfig, resolve_inputs, ridge_config
 from minddiffuser.stage1 import run_stage1, stage_inputs, write_fake_decoded
@@ -122,9 +122,11 @@ def test_stages_alone_read_the_data_root_of_their_inputs(synth_root, tmp_path, n
     out = tmp_path/"runs"
     _fmri_from(subject_dir(out, 1)/"fmri.h5", synth_root)
     ids = np.sort(read_expdesign(synth_root)["sharedix"] - 1)[:2]
-    write_fake_decoded(subject_dir(out, 1)/"decoded.h5", load_models("tiny", "tiny", device="cpu"), ids, latent_size=8)
+    write_fake_decoded(subject_dir(out, 1)/"decoded.h5", load_models(*world_weights(), device="cpu"), ids, latent_size=8)
     dec, synthetic, models, clip_model, _ = stage_inputs(out, 1)
-    assert (synthetic, models, clip_model) == (True, "tiny", "tiny")
+    assert (synthetic, models, clip_model) == (True, *world_weights())
+    with pytest.raises(ValueError, match="holds features made with models="):  # the twins are not the world
+        stage_inputs(out, 1, models="tiny", clip_model="tiny")
     assert not (out/"demo_nsd").exists()
 
 

@@ -1,0 +1,96 @@
+"""The trained world (chapter 01b): retraining from the seed learns, the command line writes a loadable world, and
+the demo chain on the synthetic NSD shows the paper's Table 2 claim in miniature with the shipped weights."""
+import json
+import subprocess
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from minddiffuser.models import is_world, load_models, resolve_model_ids, world_weights
+from minddiffuser.nsd_data import COLOURS, SHAPES
+from minddiffuser.world import (JUDGE_CFG, WORLD_CFG, boot, generation_check, text_to_image, train_clip, train_denoiser,
+                                train_vae, vae_psnr, wilson, world_scenes)
+
+
+def _fell(record, by:float) -> bool:
+    "The mean loss of the last logged window is below `by` times the first's."
+    first, last = record["losses"][0][1], record["losses"][-1][1]
+    return last < by * first
+
+
+def test_retraining_from_the_seed_learns():
+    "A few hundred steps of each network, at small batches: every loss falls well below where it started."
+    cfg = replace(WORLD_CFG, vae_steps=300, unet_steps=300, clip_steps=200, vae_batch=8, unet_batch=16, clip_batch=32,
+                  warmup=20)
+    images, _, captions = world_scenes(256, progress=False)
+    vae, r_vae = train_vae(images, cfg, progress=False)
+    *_, r_unet = train_denoiser(vae, images, captions, cfg, progress=False)
+    _, r_clip = train_clip(images, captions, cfg, progress=False)
+    assert _fell(r_vae, .6), r_vae["losses"]
+    assert _fell(r_unet, .8), r_unet["losses"]
+    assert _fell(r_clip, .8), r_clip["losses"]
+
+
+def test_command_line_writes_a_loadable_world(tmp_path):
+    out = tmp_path/"w"
+    p = subprocess.run(["minddiffuser", "world", "train", "--steps-scale", "0.002", "--n-scenes", "32", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"models={out/'sd'}" in p.stdout
+    record = json.loads((out/"WORLD.json").read_text())
+    assert record["settings"]["n_scenes"] == 32 and record["vae"]["steps"] == 2
+    m = load_models(str(out/"sd"), str(out/"clip"/"open_clip_pytorch_model.bin"), device="cpu")
+    assert (m.vae_factor, m.text_width, m.clip_blocks) == (4, 48, 6)
+    assert not (tmp_path/"w.work").exists()  # the work folder is gone once the world is written
+    bad = subprocess.run(["minddiffuser", "world", "train", "--steps-scale", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--steps-scale must be > 0" in bad.stderr
+
+
+def test_the_world_is_the_synthetic_default_and_ships_small():
+    sd, clip = world_weights()
+    assert resolve_model_ids(None, None, synthetic=True) == (sd, clip)
+    assert is_world(sd) and is_world(clip) and not is_world("tiny")
+    from pathlib import Path
+    root = Path(sd).parent
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert total <= 30 * 2**20, f"the shipped world is {total / 2**20:.1f} MB"
+
+
+def _summary(demo_chain) -> dict:
+    subj, rec = demo_chain
+    return json.loads((subj/"eval"/"summary.json").read_text())
+
+
+def test_demo_chain_identifies_stage1_images(demo_chain):
+    "fMRI -> decoders -> stage 1, scored by 05: the images are identified against their stimuli well above chance."
+    s = _summary(demo_chain)
+    assert s["sets"]["stage1"]["all"]["clip"]["mean"] >= .75, s["sets"]["stage1"]["all"]["clip"]  # world CLIP two-way; chance 0.5
+    assert s["sets"]["stage1"]["all"]["clip"]["lo"] > .5
+
+
+@pytest.mark.xfail(strict=True, reason="not shown by the v1 world: stage 2 for 10 iterations on 16 images changed SSIM by "
+                   "+0.004 [-0.003, 0.013] and PixCorr by -0.014 [-0.13, 0.10] (the demo runs 5 x 8); see README 'The demo's world'")
+def test_demo_chain_stage2_improves_structure(demo_chain):
+    "Table 2 in miniature: stage 2 improves SSIM and PixCorr over stage 1 (paired 95% interval above 0), keeping semantics."
+    s = _summary(demo_chain)
+    d = s["paired"]["stage2 - stage1"]["all"]
+    assert d["ssim"]["lo"] > 0 and d["pixcorr"]["lo"] > 0, d
+    assert s["sets"]["stage2"]["all"]["clip"]["mean"] >= .75
+
+
+@pytest.mark.xfail(strict=True, reason="v1 world: held-out PSNR 24.0 dB (95% CI 23.0-25.1); needs a longer VAE schedule")
+def test_shipped_vae_reaches_25_db():
+    held, _, _ = world_scenes(JUDGE_CFG.n_held_out, start=WORLD_CFG.n_scenes, progress=False)
+    mean, lo, hi = boot(vae_psnr(load_models(*world_weights(), device="cpu").vae, held))
+    assert lo >= JUDGE_CFG.psnr_min, (mean, lo, hi)
+
+
+@pytest.mark.xfail(strict=True, reason="v1 world: colour right in 100% of 32 samples, kind in 38% (95% CI 23-55%): blobs; "
+                   "needs several times more U-Net training")
+def test_shipped_world_draws_the_named_colour_and_kind():
+    wanted = [(c, k) for c in COLOURS for k in SHAPES for _ in range(JUDGE_CFG.samples_per_prompt)]
+    images = text_to_image(world_weights()[0], [JUDGE_CFG.prompt.format(colour=c, kind=k) for c, k in wanted])
+    t = generation_check(images, wanted)
+    assert wilson(int(t.colour_ok.sum()), len(t))[1] >= JUDGE_CFG.generation_min  # holds (asserted in 01b too)
+    assert t.both_ok.mean() >= JUDGE_CFG.generation_min, t.both_ok.mean()
