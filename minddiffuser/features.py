@@ -306,8 +306,8 @@ def extract_features(
     subject:int=1,  # NSD subject
     data_root=None,  # NSD root (see `resolve_data_root`)
     out_dir="runs",  # artifacts folder: reads subjNN/fmri.h5, writes subjNN/features.h5
-    models:str|None=None,  # "tiny", an SD hub id or folder; None: tiny on synthetic data, SD v1-4 otherwise
-    clip_model:str|None=None,  # "tiny", "<arch>/<tag>" or a checkpoint; None: tiny on synthetic data, ViT-B-32/openai otherwise
+    models:str|None=None,  # "tiny", an SD hub id or folder; None: the world on synthetic data, SD v1-4 otherwise
+    clip_model:str|None=None,  # "tiny", "<arch>/<tag>" or a checkpoint; None: the world's CLIP on synthetic data, ViT-B-32/openai otherwise
     device=None,  # None: cuda if available, else cpu
     batch_size:int=16,  # images per forward pass and per write
     seed:int=0,  # seed of the posterior samples and of the tiny weights

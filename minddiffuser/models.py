@@ -268,9 +268,10 @@ def check_models_for_data(
     kind = lambda v: "tiny" if v == "tiny" else "world" if is_world(v) else "real"
     kinds = {k: kind(v) for k, v in (("models", models), ("clip_model", clip_model))}
     if allow_mix: return
-    toy = [f"{k} = {v!r} ({kinds[k]})" for k, v in (("models", models), ("clip_model", clip_model)) if kinds[k] != "real"]
+    what = {"tiny": "random weights", "world": "the trained toy world of 01b"}
+    toy = [f"{k} = {v!r} ({what[kinds[k]]})" for k, v in (("models", models), ("clip_model", clip_model)) if kinds[k] != "real"]
     if not synthetic and toy: raise ValueError(
-        f"{' and '.join(toy)}: networks of the synthetic world, not the paper's, with real NSD data: pass the real networks "
+        f"{' and '.join(toy)}: not the paper's networks, with real NSD data: pass the real networks "
         f"(models=None resolves to CompVis/stable-diffusion-v1-4), or allow_mix=True to run them anyway.")
     if synthetic and (len(set(kinds.values())) > 1 or "real" in kinds.values()): raise ValueError(
         f"models={models!r} ({kinds['models']}) and clip_model={clip_model!r} ({kinds['clip_model']}) on the synthetic demo NSD: "

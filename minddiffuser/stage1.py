@@ -208,22 +208,23 @@ def _provenance(subj:Path) -> dict:
     for name in ("decoded.h5", "features.h5"):
         if (subj / name).exists():
             with h5py.File(subj / name, "r") as f:
-                if "models" in f.attrs: return dict(models=str(f.attrs["models"]), weights_seed=int(f.attrs.get("weights_seed", 0)))
+                if "models" in f.attrs: return dict(models=str(f.attrs["models"]), weights_seed=int(f.attrs.get("weights_seed", 0)),
+                                                    **({"clip_model": str(f.attrs["clip_model"])} if "clip_model" in f.attrs else {}))
     return {}
 
 def stage_inputs(out_dir, # artifacts folder
                  subject:int, # NSD subject
                  data_root=None, # NSD root (see `resolve_data_root`)
-                 models=None, # "tiny", a Stable Diffusion id or folder; None: by the data
-                 clip_model=None, # "tiny", an open_clip id or checkpoint; None: by the data
+                 models=None, # "tiny", a Stable Diffusion id or folder; None: those that made decoded.h5, else by the data
+                 clip_model=None, # "tiny", an open_clip id or checkpoint; None: that which made decoded.h5, else by the data
                  allow_mix:bool=False # allow tiny models on real data and real models on synthetic data
                 ) -> tuple:
     "What a reconstruction stage runs on: (decoded.h5, synthetic?, models, clip_model, provenance), checked before any work."
     dec = decoded_path(out_dir, subject)
     synthetic = is_synthetic(input_data_root(data_root, out_dir, subject))
-    models, clip_model = resolve_model_ids(models, clip_model, synthetic)
+    src = _provenance(dec.parent)  # a stage run alone takes the networks its inputs were made with
+    models, clip_model = resolve_model_ids(models or src.get("models"), clip_model or src.get("clip_model"), synthetic)
     check_models_for_data(models, clip_model, synthetic, allow_mix)
-    src = _provenance(dec.parent)
     toy = lambda v: v == "tiny" or is_world(v)  # the twins and the world are networks of their own, never interchangeable
     if any(map(toy, (models, src.get("models", models)))) and src.get("models", models) != models: raise ValueError(
         f"{dec} holds features made with models={src['models']!r}; running with models={models!r} would use other "
@@ -252,7 +253,7 @@ def run_stage1(
     subject:int=1,  # NSD subject
     data_root=None,  # NSD root (see `resolve_data_root`)
     out_dir="runs",  # artifacts folder: reads subjNN/decoded.h5, writes subjNN/stage1/
-    models:str|None=None,  # "tiny", an SD hub id or folder; None: tiny on synthetic data, SD v1-4 otherwise
+    models:str|None=None,  # "tiny", an SD hub id or folder; None: the world on synthetic data, SD v1-4 otherwise
     clip_model:str|None=None,  # "tiny", "<arch>/<tag>" or a checkpoint; None: decided by the data, as `models`
     device=None,  # None: cuda if available, else cpu
     batch_size:int=4,  # images sampled together

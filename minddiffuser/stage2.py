@@ -493,7 +493,7 @@ def reconstruct(
     subject:int=1,  # NSD subject
     data_root=None,  # NSD root (see `resolve_data_root`)
     out_dir="runs",  # artifacts folder: reads subjNN/decoded.h5, writes subjNN/stage2/
-    models:str|None=None,  # "tiny", an SD hub id or folder; None: tiny on synthetic data, SD v1-4 otherwise
+    models:str|None=None,  # "tiny", an SD hub id or folder; None: the world on synthetic data, SD v1-4 otherwise
     clip_model:str|None=None,  # "tiny", "<arch>/<tag>" or a checkpoint; None: decided by the data, as `models`
     device=None,  # None: cuda if available, else cpu
     batch_size:int|None=None,  # images optimised together; None: 1 on real data, `SYNTHETIC_RUN` on the demo tree

@@ -74,7 +74,7 @@ def test_cli_refuses_twins_on_real_data_unless_allowed(tmp_path, no_nsd):
     sd.mkdir(parents=True); (sd/"fmri.h5").touch()
     base = CLI + ["--subject", "1", "--data-root", str(real), "--out-dir", str(tmp_path/"runs"), "--only", "01", "-p", "models", "tiny"]
     p = subprocess.run(base, capture_output=True, text=True, timeout=1800)
-    assert p.returncode == 2 and "models = 'tiny' (random weights) with real NSD" in p.stderr and "-p allow_mix true" in p.stderr
+    assert p.returncode == 2 and "models = 'tiny' (random weights): not the paper's networks, with real NSD data" in p.stderr and "-p allow_mix true" in p.stderr
     assert _tree(tmp_path/"runs") == ["subj01", "subj01/fmri.h5"]
 
 

@@ -87,8 +87,10 @@ def test_decoded_of_other_models_is_refused(synth_root, tmp_path, tiny):
     with pytest.raises(ValueError, match="width 768"):
         s1.run_stage1(1, synth_root, tmp_path/"runs", cfg=SMALL, progress=False)
     with h5py.File(path, "a") as f: f.attrs["models"] = "CompVis/stable-diffusion-v1-4"
-    with pytest.raises(ValueError, match="holds features made with models='CompVis/stable-diffusion-v1-4'"):
+    with pytest.raises(ValueError, match="on the synthetic demo NSD"):  # run alone it takes its inputs' networks: refused here
         s1.run_stage1(1, synth_root, tmp_path/"runs", cfg=SMALL, progress=False)
+    with pytest.raises(ValueError, match="holds features made with models='CompVis/stable-diffusion-v1-4'"):
+        s1.run_stage1(1, synth_root, tmp_path/"runs", "tiny", "tiny", cfg=SMALL, progress=False)
 
 
 def test_gradients_flow_in_batch_with_checkpointing(tiny):

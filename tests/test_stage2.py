@@ -16,7 +16,7 @@ from minddiffuser.nsd_data import random_scene, render_scene, subject_dir
 from PIL import Image
 
 from minddiffuser.stage1 import STAGE1, run_stage1, write_fake_decoded
-from minddiffuser.stage2 import Stage2Config, reconstruct, run_images, select_rows
+from minddiffuser.stage2 import SYNTHETIC_RUN, Stage2Config, reconstruct, run_images, select_rows
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
 SMALL = replace(STAGE1, n_steps=10, t_enc=7, t_start=7)  # the authors' proportions on a 10-step schedule
@@ -145,7 +145,7 @@ def test_reconstruct_on_the_demo_tree(tmp_path, m, synth_root):
     (dec.parent / "stage1" / "settings.json").write_text(json.dumps(dict(models="tiny", weights_seed=0, **vars(SMALL))))
     folders = reconstruct(1, synth_root, tmp_path, progress=False)
     r = record(folders[0])
-    assert (len(folders), r["iterations"], r["status"]) == (1, 2, "done")  # the demo size: 1 image, 2 iterations
+    assert (len(folders), r["iterations"], r["status"]) == (min(2, SYNTHETIC_RUN["max_images"]), SYNTHETIC_RUN["n_iters"], "done")
     assert r["settings"]["stage1"]["n_steps"] == 10 and r["settings"]["seed"] == SMALL.seed
     with pytest.raises(ValueError, match="allow_mix"):
         reconstruct(1, tmp_path, tmp_path, models="tiny", clip_model="tiny")  # tmp_path is not a synthetic tree
