@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from minddiffuser.models import is_world, load_models, resolve_model_ids, world_weights
+from minddiffuser.models import is_world, load_models, resolve_model_ids, world_paths, world_weights
 from minddiffuser.nsd_data import COLOURS, SHAPES
 from minddiffuser.world import (JUDGE_CFG, WORLD_CFG, boot, generation_check, text_to_image, train_clip, train_denoiser,
                                 train_vae, vae_psnr, wilson, world_scenes)
@@ -39,7 +39,7 @@ def test_command_line_writes_a_loadable_world(tmp_path):
     assert f"models={out/'sd'}" in p.stdout
     record = json.loads((out/"WORLD.json").read_text())
     assert record["settings"]["n_scenes"] == 32 and record["vae"]["steps"] == 2
-    m = load_models(str(out/"sd"), str(out/"clip"/"open_clip_pytorch_model.bin"), device="cpu")
+    m = load_models(*map(str, world_paths(out)), device="cpu")
     assert (m.vae_factor, m.text_width, m.clip_blocks) == (4, 48, 6)
     assert not (tmp_path/"w.work").exists()  # the work folder is gone once the world is written
     bad = subprocess.run(["minddiffuser", "world", "train", "--steps-scale", "0"], capture_output=True, text=True)
