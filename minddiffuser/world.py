@@ -40,14 +40,14 @@ class WorldConfig:
     image_size: int = 64  # side of the world's images; the VAE's sample_size, so 01 encodes stimuli at this side
     seed: int = 0  # seed of the training scenes, the initial weights and the batches
     scene_stream: int = 2_000_003  # training scenes come from SeedSequence([seed, scene_stream, k]); the synthetic NSD never uses it
-    n_scenes: int = 12_000  # training scenes (rendered once at NSD's 425 px, resized bicubic to image_size as 01 does)
+    n_scenes: int = 24_000  # training scenes (rendered once at NSD's 425 px, resized bicubic to image_size as 01 does)
     n_held_out: int = 256  # held-out scenes (the next ones of the stream) for the reported figures
     vae: dict = field(default_factory=lambda: dict(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 128), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64, scaling_factor=1.0))  # x4: latents 4x16x16
-    vae_steps: int = 1200  # Adam steps of the autoencoder
-    vae_batch: int = 16  # images per step
+    vae_steps: int = 4000  # Adam steps of the autoencoder
+    vae_batch: int = 32  # images per step
     vae_lr: float = 1e-3  # Adam learning rate (cosine decay to 0)
     vae_l1: float = 1.0  # weight of the L1 term beside the MSE
     vae_kl: float = 1e-6  # weight of the KL term (SD's autoencoder: small, so latents keep detail)
@@ -56,12 +56,12 @@ class WorldConfig:
         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=48,
         bos_token_id=0, eos_token_id=2, pad_token_id=1))  # SD's special ids; 48 wide
     unet: dict = field(default_factory=lambda: dict(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 128),
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(48, 96, 128),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=48, attention_head_dim=8, norm_num_groups=16))
-    unet_steps: int = 3000  # AdamW steps of the U-Net and text encoder, trained together
-    unet_batch: int = 32  # latents per step
+    unet_steps: int = 2500  # AdamW steps of the U-Net and text encoder, trained together
+    unet_batch: int = 128  # latents per step
     unet_lr: float = 8e-4  # AdamW learning rate (linear warm-up, cosine decay)
     caption_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
     max_length: int = 15  # tokens per caption, as 01 encodes them
@@ -69,7 +69,7 @@ class WorldConfig:
         embed_dim=64, quick_gelu=True,
         vision_cfg=dict(image_size=224, patch_size=32, width=96, layers=6, head_width=16),
         text_cfg=dict(context_length=16, vocab_size=49408, width=16, heads=2, layers=2)))  # ViT-B/32's class, smaller
-    clip_steps: int = 600  # AdamW steps of the contrastive training
+    clip_steps: int = 1500  # AdamW steps of the contrastive training
     clip_batch: int = 128  # scene/caption pairs per step
     clip_lr: float = 5e-4  # AdamW learning rate (warm-up, cosine decay)
     warmup: int = 200  # linear warm-up steps of the U-Net's and CLIP's schedules
@@ -121,21 +121,22 @@ def train_vae(
     images:np.ndarray,  # uint8 training images (n, S, S, 3)
     cfg:WorldConfig=WORLD_CFG,  # architecture, steps, batch, learning rate, loss weights
     progress:bool=True,  # progress bar
+    device:str="cpu",  # where it trains ("cuda" on a GPU); the batches are drawn on the CPU either way, and it returns on the CPU
 ) -> tuple:  # (AutoencoderKL with its scaling factor set, training record)
     "Train the world's `AutoencoderKL` on whole images (MSE + L1 + KL), then set its scaling factor to 1/std of the latents."
-    vae = _seeded(cfg.seed + 1, lambda: AutoencoderKL(**cfg.vae)).train()
+    vae = _seeded(cfg.seed + 1, lambda: AutoencoderKL(**cfg.vae)).to(device).train()
     x = images_to_tensor(images) * 2 - 1
     g = torch.Generator().manual_seed(cfg.seed + 1)
     def step(s):
-        xb = x[torch.randint(len(x), (cfg.vae_batch,), generator=g)]
+        xb = x[torch.randint(len(x), (cfg.vae_batch,), generator=g)].to(device)
         post = vae.encode(xb).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
         return F.mse_loss(rec, xb) + cfg.vae_l1 * F.l1_loss(rec, xb) + cfg.vae_kl * post.kl().mean()
     record = _train(step, list(vae.parameters()), cfg.vae_steps, cfg.vae_lr, 0, "world VAE", progress)
     vae.eval().requires_grad_(False)
-    with torch.no_grad(): std = torch.cat([vae.encode(xb).latent_dist.mean for xb in x[:2048].split(256)]).std()
+    with torch.no_grad(): std = torch.cat([vae.encode(xb.to(device)).latent_dist.mean for xb in x[:2048].split(256)]).std()
     vae.register_to_config(scaling_factor=round(1 / float(std), 5))
-    return vae, record | dict(scaling_factor=vae.config.scaling_factor)
+    return vae.cpu(), record | dict(scaling_factor=vae.config.scaling_factor)
 
 # %% ../nbs/01b_world.ipynb #cc5e3afe
 def _tokens(tokenizer, texts:list, max_length:int) -> torch.Tensor:
@@ -147,33 +148,37 @@ def train_denoiser(
     captions:list,  # five captions per image
     cfg:WorldConfig=WORLD_CFG,  # architectures, steps, batch, learning rate, caption dropout
     progress:bool=True,  # progress bar
+    device:str="cpu",  # where it trains; the batches are drawn on the CPU either way, and it returns on the CPU
 ) -> tuple:  # (tokenizer, CLIPTextModel, UNet2DConditionModel, training record)
     "Train a `CLIPTextModel` and a `UNet2DConditionModel` together as a latent diffusion model under SD's noise schedule."
     tokenizer = clip_bpe_tokenizer(cfg.max_length)  # the world pads to the 15 tokens 01 encodes: diffusers pipelines pad to this
-    te = _seeded(cfg.seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**cfg.text_encoder))).train()
-    unet = _seeded(cfg.seed + 3, lambda: UNet2DConditionModel(**cfg.unet)).train()
+    te = _seeded(cfg.seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**cfg.text_encoder))).to(device).train()
+    unet = _seeded(cfg.seed + 3, lambda: UNet2DConditionModel(**cfg.unet)).to(device).train()
     sched = DDIMScheduler(**MODEL_CFG.ddim)
     with torch.no_grad():
-        post = [vae.encode(xb).latent_dist for xb in (images_to_tensor(images) * 2 - 1).split(256)]
-    mean, std, sf = torch.cat([p.mean for p in post]), torch.cat([p.std for p in post]), vae.config.scaling_factor
+        enc = copy.deepcopy(vae).to(device)
+        post = [enc.encode(xb.to(device)).latent_dist for xb in (images_to_tensor(images) * 2 - 1).split(256)]
+    mean, std, sf = torch.cat([p.mean for p in post]).cpu(), torch.cat([p.std for p in post]).cpu(), vae.config.scaling_factor
     ids = _tokens(tokenizer, [c for cs in captions for c in cs[:5]], cfg.max_length).view(len(captions), 5, -1)
-    empty = _tokens(tokenizer, [""], cfg.max_length)
+    empty = _tokens(tokenizer, [""], cfg.max_length).to(device)
     g = torch.Generator().manual_seed(cfg.seed + 3)
     def step(s):
         i = torch.randint(len(mean), (cfg.unet_batch,), generator=g)
-        z0 = (mean[i] + std[i] * torch.randn(mean[i].shape, generator=g)) * sf
-        tok = ids[i, torch.randint(5, (len(i),), generator=g)]  # one caption of five ...
+        z0 = ((mean[i] + std[i] * torch.randn(mean[i].shape, generator=g)) * sf).to(device)
+        tok = ids[i, torch.randint(5, (len(i),), generator=g)].to(device)  # one caption of five ...
         avg = torch.rand(len(i), generator=g) < .5  # ... or, as 01 makes c, the mean over all five
         drop = torch.rand(len(i), generator=g) < cfg.caption_dropout
         emb = te(tok).last_hidden_state
-        if avg.any(): emb = torch.where(avg[:, None, None], te(ids[i].flatten(0, 1)).last_hidden_state.view(len(i), 5, *emb.shape[1:]).mean(1), emb)
-        if drop.any(): emb = torch.where(drop[:, None, None], te(empty).last_hidden_state, emb)
-        t = torch.randint(sched.config.num_train_timesteps, (len(i),), generator=g)
-        noise = torch.randn(z0.shape, generator=g)
+        if avg.any():
+            five = te(ids[i].flatten(0, 1).to(device)).last_hidden_state.view(len(i), 5, *emb.shape[1:]).mean(1)
+            emb = torch.where(avg.to(device)[:, None, None], five, emb)
+        if drop.any(): emb = torch.where(drop.to(device)[:, None, None], te(empty).last_hidden_state, emb)
+        t = torch.randint(sched.config.num_train_timesteps, (len(i),), generator=g).to(device)
+        noise = torch.randn(z0.shape, generator=g).to(device)
         return F.mse_loss(unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=emb).sample, noise)
     params = list(te.parameters()) + list(unet.parameters())
     record = _train(step, params, cfg.unet_steps, cfg.unet_lr, cfg.warmup, "world U-Net + text encoder", progress, wd=0.01)
-    return tokenizer, te.eval().requires_grad_(False), unet.eval().requires_grad_(False), record
+    return tokenizer, te.cpu().eval().requires_grad_(False), unet.cpu().eval().requires_grad_(False), record
 
 # %% ../nbs/01b_world.ipynb #75fc0d56
 def train_clip(
@@ -181,10 +186,11 @@ def train_clip(
     captions:list,  # five captions per image
     cfg:WorldConfig=WORLD_CFG,  # architecture, steps, batch, learning rate
     progress:bool=True,  # progress bar
+    device:str="cpu",  # where it trains; the batches are drawn on the CPU either way, and it returns on the CPU
 ) -> tuple:  # (open_clip CLIP, training record)
     "Train an open_clip CLIP of ViT-B/32's class contrastively on scene/caption pairs, seeing images as 01 shows them."
     mc = dict(cfg.clip)
-    model = _seeded(cfg.seed + 4, lambda: open_clip.model.CLIP(**mc)).train()
+    model = _seeded(cfg.seed + 4, lambda: open_clip.model.CLIP(**mc)).to(device).train()
     tok = open_clip.tokenizer.SimpleTokenizer(context_length=mc["text_cfg"]["context_length"])
     x, loss_fn = images_to_tensor(images), open_clip.loss.ClipLoss()
     g = torch.Generator().manual_seed(cfg.seed + 4)
@@ -192,10 +198,10 @@ def train_clip(
         i = torch.randint(len(x), (cfg.clip_batch,), generator=g)
         j = torch.randint(5, (len(i),), generator=g)
         text = tok([captions[a][b] for a, b in zip(i.tolist(), j.tolist())])
-        img_f, txt_f, scale = model(clip_preprocess(x[i], FEATURE_CFG.clip_interpolation), text)[:3]
+        img_f, txt_f, scale = model(clip_preprocess(x[i].to(device), FEATURE_CFG.clip_interpolation), text.to(device))[:3]
         return loss_fn(img_f, txt_f, scale)
     record = _train(step, list(model.parameters()), cfg.clip_steps, cfg.clip_lr, cfg.warmup, "world CLIP", progress, wd=0.1)
-    return model.eval().requires_grad_(False), record
+    return model.cpu().eval().requires_grad_(False), record
 
 # %% ../nbs/01b_world.ipynb #67365432
 def _atomic_dir(folder:Path, write):
@@ -231,11 +237,16 @@ def save_world(
     return world_paths(folder)
 
 # %% ../nbs/01b_world.ipynb #0fcc4bee
+def _device_name(device) -> str:
+    d = torch.device(device)
+    return torch.cuda.get_device_name(d) if d.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
 def train_world(
     out=None,  # where the world is written; None: runs/world (the shipped copy lives in the package's world/)
     cfg:WorldConfig=WORLD_CFG,  # everything about the world
     work=None,  # folder for the finished networks between steps (resumes there); None: <out>.work
     progress:bool=True,  # progress bars
+    device:str="cpu",  # where the networks train: "cuda" trains the shipped settings in minutes, two CPU cores take hours
 ) -> tuple:  # (sd folder, clip checkpoint file)
     "Train the world from its seed: scenes, VAE, U-Net with text encoder, CLIP; each network kept as it finishes."
     out = Path(out) if out is not None else resolve_out_dir("runs")/"world"
@@ -245,18 +256,17 @@ def train_world(
     if (work/"settings.json").exists() and json.loads((work/"settings.json").read_text()) != settings:
         shutil.rmtree(work); work.mkdir(parents=True)  # other settings: start over rather than mix networks
     (work/"settings.json").write_text(json.dumps(settings, indent=1))
-    torch.manual_seed(cfg.seed)
     images, scenes, captions = world_scenes(cfg.n_scenes, 0, cfg, progress)
     def stage(name, fit):
         p = work/f"{name}.pt"
         if p.exists(): return torch.load(p, weights_only=False)
         result = fit(); torch.save(result, p.with_suffix(".tmp")); os.replace(p.with_suffix(".tmp"), p)
         return result
-    vae, r_vae = stage("vae", lambda: train_vae(images, cfg, progress))
-    tokenizer, te, unet, r_unet = stage("denoiser", lambda: train_denoiser(vae, images, captions, cfg, progress))
-    clip_model, r_clip = stage("clip", lambda: train_clip(images, captions, cfg, progress))
+    vae, r_vae = stage("vae", lambda: train_vae(images, cfg, progress, device))
+    tokenizer, te, unet, r_unet = stage("denoiser", lambda: train_denoiser(vae, images, captions, cfg, progress, device))
+    clip_model, r_clip = stage("clip", lambda: train_clip(images, captions, cfg, progress, device))
     record = dict(settings=settings, vae=r_vae, denoiser=r_unet, clip=r_clip, torch=torch.__version__,
-                  threads=torch.get_num_threads(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                  threads=torch.get_num_threads(), device=_device_name(device), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     paths = save_world(out, vae, tokenizer, te, unet, clip_model, record, cfg)
     shutil.rmtree(work)
     return paths
@@ -399,10 +409,13 @@ def world_main(argv=None):
     t.add_argument("--seed", type=int, default=WORLD_CFG.seed, help="seed of scenes, weights and batches")
     t.add_argument("--steps-scale", type=float, default=1.0, help="scale every network's training steps (e.g. 0.1 for a quick try)")
     t.add_argument("--n-scenes", type=int, default=WORLD_CFG.n_scenes, help="training scenes")
+    t.add_argument("--device", default="auto", help="where to train: auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1 ...")
     a = ap.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available(): ap.error(f"--device {a.device}: no GPU is visible here; use --device cpu")
     if a.steps_scale <= 0 or a.n_scenes < 1: ap.error("--steps-scale must be > 0 and --n-scenes >= 1")
     steps = {k: max(1, round(getattr(WORLD_CFG, k) * a.steps_scale)) for k in ("vae_steps", "unet_steps", "clip_steps")}
     cfg = replace(WORLD_CFG, seed=a.seed, n_scenes=a.n_scenes, warmup=min(WORLD_CFG.warmup, *steps.values()), **steps)
-    sd, clip = train_world(a.out, cfg)
+    sd, clip = train_world(a.out, cfg, device=device)
     print(f"[minddiffuser] world written: models={sd} clip_model={clip}")
     return 0

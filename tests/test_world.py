@@ -38,7 +38,8 @@ def test_command_line_writes_a_loadable_world(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"models={out/'sd'}" in p.stdout
     record = json.loads((out/"WORLD.json").read_text())
-    assert record["settings"]["n_scenes"] == 32 and record["vae"]["steps"] == 2
+    assert record["settings"]["n_scenes"] == 32 and record["vae"]["steps"] == round(WORLD_CFG.vae_steps * 0.002)
+    assert record["device"].startswith("cpu")  # --device auto on a machine without a GPU
     m = load_models(*map(str, world_paths(out)), device="cpu")
     assert (m.vae_factor, m.text_width, m.clip_blocks) == (4, 48, 6)
     assert not (tmp_path/"w.work").exists()  # the work folder is gone once the world is written
@@ -78,15 +79,16 @@ def test_demo_chain_stage2_improves_structure(demo_chain):
     assert s["sets"]["stage2"]["all"]["clip"]["mean"] >= .75
 
 
-@pytest.mark.xfail(strict=True, reason="v1 world: held-out PSNR 24.0 dB (95% CI 23.0-25.1); needs a longer VAE schedule")
 def test_shipped_vae_reaches_25_db():
+    "The issue's bar for the VAE, on held-out scenes (v1 missed it at 24.0 dB; v2's VAE is 4x wider and trained 6x longer)."
     held, _, _ = world_scenes(JUDGE_CFG.n_held_out, start=WORLD_CFG.n_scenes, progress=False)
     mean, lo, hi = boot(vae_psnr(load_models(*world_weights(), device="cpu").vae, held))
     assert lo >= JUDGE_CFG.psnr_min, (mean, lo, hi)
 
 
-@pytest.mark.xfail(strict=True, reason="v1 world: colour right in 100% of 32 samples, kind in 38% (95% CI 23-55%): blobs; "
-                   "needs several times more U-Net training")
+@pytest.mark.xfail(strict=True, reason="v2 world: the named kind in about half the samples (53%, 95% CI 41-65%, of 64 on "
+                   "training-time seeds; v1: 38%): squares and triangles come out with round corners; needs far more "
+                   "U-Net training (01b, 'How the shipped world was made')")
 def test_shipped_world_draws_the_named_colour_and_kind():
     wanted = [(c, k) for c in COLOURS for k in SHAPES for _ in range(JUDGE_CFG.samples_per_prompt)]
     images = text_to_image(world_weights()[0], [JUDGE_CFG.prompt.format(colour=c, kind=k) for c, k in wanted])
