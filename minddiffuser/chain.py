@@ -178,6 +178,7 @@ def main(argv=None):
     s.add_argument("root"); s.add_argument("--subjects", type=int, nargs="*", default=[1, 2, 5, 7]); s.add_argument("--seed", type=int, default=0)
     sub.add_parser("download", help="fetch a subject's NSD files (see `minddiffuser download -h`)", add_help=False)
     sub.add_parser("world", help="train the synthetic demo's world (see `minddiffuser world train -h`)", add_help=False)
+    sub.add_parser("submit", help="send stage 2 or the ridge to SLURM (see `minddiffuser submit -h`)", add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "download":
         from minddiffuser.download import download_main
@@ -185,6 +186,9 @@ def main(argv=None):
     if args.cmd == "world":
         from minddiffuser.world import world_main
         return world_main(rest)
+    if args.cmd == "submit":
+        from minddiffuser.cluster import submit_main
+        return submit_main(rest)
     if rest: ap.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.cmd == "synth":
         print(write_synthetic_nsd(args.root, subjects=args.subjects, seed=args.seed)); return 0
