@@ -7,8 +7,11 @@ Slow (tens of minutes on two CPU cores, ~2.4 GB of twins written once to runs/fu
 It writes the synthetic NSD, keeps 8 training images and 1 test image, and runs features (c 15x768, z 4x64x64,
 CLIP 6 x 38400 and a 512-d embedding from 512-px stimuli), decoders, stage 1 and one stage-2 iteration
 back-propagating through all 35 denoising steps; it checks every shape and records the peak memory and the seconds
-per stage-2 iteration in runs/full_size_chain.json.
+per stage-2 iteration in runs/full_size_chain.json. It sets glibc's mmap threshold to 64 KiB first (as
+`MALLOC_MMAP_THRESHOLD_=65536` does; see bench/stage2.py): with the default, freed activation buffers stay resident
+and stage 2 outgrew 24 GB in its first iteration.
 """
+import ctypes
 import json
 import os
 import re
@@ -49,6 +52,7 @@ def _keep_rows(fmri:Path, n_train:int, n_test:int):
 
 
 def test_chain_at_full_size(tmp_path):
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: freed buffers go back to the OS at once
     t0, times = time.time(), {}
     sd, ck = write_full_size_twins()
     root, out = write_synthetic_nsd(tmp_path/"nsd", subjects=(1,)), tmp_path/"runs"
