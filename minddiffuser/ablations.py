@@ -26,7 +26,8 @@ from .evaluation import (EVAL_CFG, EvalConfig, _nets_for_data, bootstrap, c_accu
 from .features import row_seeds, vae_latents
 from .models import Components, load_models
 from .nsd_data import is_synthetic, read_images, resolve_data_root
-from .stage1 import STAGE1, Stage1Config, _provenance, decode_latents, decoded_path, stage_inputs, uncond_embedding
+from .stage1 import STAGE1, STAGE1_SMALL, Stage1Config, _provenance, decode_latents, decoded_path
+from .stage1 import stage_inputs, uncond_embedding
 from .stage2 import STAGE2_CFG, Stage2Config, run_images, select_rows, stage1_settings
 
 # %% ../nbs/06_ablations.ipynb #453c3b54
@@ -73,7 +74,7 @@ class AblationConfig:
     z_std: float = 1.0  # their standard deviation in the 0.18215-scaled latent space (spec 8: N(0, I))
     roundtrip_seed: int = 816  # seed of takagi's posterior sample in the round trip (spec 9.2 seeds everything 816)
     demo: dict = field(default_factory=lambda: dict(n_iters=2, max_images=1))  # size on the synthetic tree when None
-    demo_sampler: Stage1Config = replace(STAGE1, n_steps=10, t_enc=7, t_start=7)  # the synthetic tree's sampler (authors' proportions)
+    demo_sampler: Stage1Config = STAGE1_SMALL  # the synthetic tree's sampler (the authors' proportions on 10 steps)
     demo_save_every: int = 1  # on the synthetic tree, keep every iteration's image (trajectories of a few iterations)
     trajectories: tuple = ("full", "without_z")  # Fig. 6: the configurations whose trajectories are drawn
     n_trajectories: int = 3  # images per configuration in the trajectory figure

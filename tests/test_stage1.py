@@ -13,7 +13,7 @@ from conftest import NBS
 from minddiffuser.models import load_models
 from minddiffuser.nsd_data import read_expdesign, subject_dir
 
-SMALL = replace(s1.STAGE1, n_steps=10, t_enc=7, t_start=7)  # the authors' proportions, 10 steps
+SMALL = s1.STAGE1_SMALL  # the authors' proportions, 10 steps
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ from minddiffuser.models import load_models
 from minddiffuser.nsd_data import random_scene, render_scene, subject_dir
 from PIL import Image
 
-from minddiffuser.stage1 import STAGE1, run_stage1, write_fake_decoded
+from minddiffuser.stage1 import STAGE1_SMALL, run_stage1, write_fake_decoded
 from minddiffuser.stage2 import SYNTHETIC_RUN, Stage2Config, reconstruct, run_images, select_rows
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
-SMALL = replace(STAGE1, n_steps=10, t_enc=7, t_start=7)  # the authors' proportions on a 10-step schedule
+SMALL = STAGE1_SMALL  # the authors' proportions on a 10-step schedule
 
 
 @pytest.fixture(scope="module")
