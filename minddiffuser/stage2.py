@@ -7,7 +7,7 @@ __all__ = ['FINALS', 'OPTIMISED', 'AUTOCASTS', 'STAGE2_CFG', 'HISTORY', 'RESULT_
            'layer_weights', 'Stage2Loss', 'stage2_loss', 'make_optimiser', 'optimiser_step', 'iteration_noise',
            'stage2_forward', 'save_png', 'save_json', 'check_settings', 'write_state', 'read_state', 'ImageRun',
            'parse_shard', 'select_rows', 'check_decoded', 'read_rows', 'pending', 'optimise_batch', 'run_images',
-           'show_run', 'stage1_settings', 'reconstruct']
+           'show_run', 'stage1_settings', 'reconstruct', 'run_size']
 
 # %% ../nbs/04_stage2.ipynb #9aa90b26
 import hashlib
@@ -509,12 +509,23 @@ def reconstruct(
 ) -> list:  # the image folders of this shard
     "Stage 2 for a subject's decoded test images: `<out_dir>/subjNN/stage2/<nsd_id>/`."
     dec, synthetic, models, clip_model, src = stage_inputs(out_dir, subject, data_root, models, clip_model, allow_mix)
-    if n_iters is None: n_iters = SYNTHETIC_RUN["n_iters"] if synthetic else cfg.n_iters
-    cfg = replace(cfg, n_iters=int(n_iters)).check()
-    if max_images is None and synthetic: max_images = SYNTHETIC_RUN["max_images"]
-    if batch_size is None: batch_size = SYNTHETIC_RUN["batch_size"] if synthetic else 1
+    size = run_size(synthetic, n_iters, max_images, batch_size, cfg)
+    cfg = replace(cfg, n_iters=size["n_iters"]).check()
     s1 = (s1 or stage1_settings(out_dir, subject)).check()
-    with h5py.File(dec, "r") as f: rows = select_rows(len(f["nsd_id"]), max_images, shard)
+    with h5py.File(dec, "r") as f: rows = select_rows(len(f["nsd_id"]), size["max_images"], shard)
     m = load_models(models, clip_model, device=device, seed=src.get("weights_seed", 0))
-    return run_images(m, dec, dec.parent / "stage2", rows, cfg, s1, batch_size, seed,
+    return run_images(m, dec, dec.parent / "stage2", rows, cfg, s1, size["batch_size"], seed,
                       dict(subject=int(subject), synthetic=bool(synthetic)), callback, progress)
+
+# %% ../nbs/04_stage2.ipynb #35df35b6
+def run_size(
+    synthetic:bool,  # the synthetic tree (the demo's sizes) or real NSD
+    n_iters:int|None=None,  # iterations; None: the demo's or `cfg.n_iters`
+    max_images:int|None=None,  # first k test images; None: the demo's or all
+    batch_size:int|None=None,  # images optimised together; None: the demo's or 1
+    cfg:Stage2Config=STAGE2_CFG,  # optimisation settings
+) -> dict:
+    "Iterations, images and batch of a stage-2 run: those given, else the demo's (synthetic tree), else the real run's."
+    pick = lambda v, k, real: v if v is not None else SYNTHETIC_RUN[k] if synthetic else real
+    return dict(n_iters=int(pick(n_iters, "n_iters", cfg.n_iters)), max_images=pick(max_images, "max_images", None),
+                batch_size=int(pick(batch_size, "batch_size", 1)))
