@@ -9,7 +9,6 @@ __all__ = ['STARTS', 'ABL_CFG', 'CLAIMS', 'Ablation', 'AblationConfig', 'stage2_
 
 # %% ../nbs/06_ablations.ipynb #fd463b58
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,15 +19,16 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from .artifacts import artifact_in, artifact_path, atomic_write, require
 from .evaluation import (EVAL_CFG, EvalConfig, _nets_for_data, bootstrap, c_accuracy, extract,
                                      load_metric_nets, open_recon, paired, paper_subset, plot_grid, published, score,
                                      suite_metrics)
 from .features import row_seeds, vae_latents
 from .models import Components, load_models
 from .nsd_data import is_synthetic, read_images, resolve_data_root
-from .stage1 import STAGE1, STAGE1_SMALL, Stage1Config, _provenance, decode_latents, decoded_path
+from .stage1 import STAGE1, STAGE1_SMALL, Stage1Config, _provenance, decode_latents, stage1_settings
 from .stage1 import stage_inputs, uncond_embedding
-from .stage2 import STAGE2_CFG, Stage2Config, run_images, select_rows, stage1_settings
+from .stage2 import STAGE2_CFG, Stage2Config, run_images, select_rows
 
 # %% ../nbs/06_ablations.ipynb #453c3b54
 @dataclass(frozen=True)
@@ -146,8 +146,7 @@ def derive_decoded(
         targets = {f"clip/{k}": (f[f"clip/{k}"].shape, f[f"clip/{k}"].dtype) for k in f.get("clip", {})}
         masks, attrs = [f"clip_mask/{k}" for k in f.get("clip_mask", {})], dict(f.attrs)
     c, z = start_values(ab, c, z, ids, m, cfg)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with h5py.File(tmp, "w") as g:
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as g:
         g["nsd_id"], g["c"], g["z"] = ids, c.numpy(), z.numpy()
         for k, (shape, dtype) in targets.items():  # a view of the rows, no copy
             layout = h5py.VirtualLayout(shape=(len(rows), *shape[1:]), dtype=dtype)
@@ -155,7 +154,6 @@ def derive_decoded(
             g.create_virtual_dataset(k, layout)
         for k in masks: g[k] = h5py.ExternalLink(str(src), k)
         g.attrs.update(attrs | dict(derived_from=str(src), rows=[int(rows[0]), int(rows[-1])], made_by=made_by))
-    os.replace(tmp, path)
     return path
 
 # %% ../nbs/06_ablations.ipynb #54db83d7
@@ -358,7 +356,7 @@ def run_ablations(
     m = load_models(models, clip_model, device=device, seed=src.get("weights_seed", 0))
     if m.device.type == "cuda" and not torch.cuda.is_bf16_supported() and "bf16" in names:
         print("bf16 autocast is not supported on this GPU: the bf16 configuration is skipped"); names.remove("bf16")
-    out, done = dec.parent / "ablations", {}
+    out, done = artifact_in(dec.parent, "ablations"), {}
     for k in names:
         t0 = time.time()
         done[k] = run_config(k, m, dec, out, rows, n_iters, base, s1, batch_size, seed,
@@ -382,7 +380,7 @@ def evaluate_ablations(
 ) -> dict:  # the summary (also ablations/eval/summary.json)
     "Score every configuration on disk against the stimuli and `full`; write the tables, claims and figures."
     t0, names = time.time(), suite_metrics(metrics)
-    dec = decoded_path(out_dir, subject); abl = dec.parent / "ablations"
+    dec = require(out_dir, subject, "decoded"); abl = artifact_in(dec.parent, "ablations")
     folders = {k: abl / k for k in cfg.configs if any((abl / k).glob("*/final.png"))}
     if "full" not in folders: raise FileNotFoundError(f"{abl / 'full'} holds no finished image: run the ablations first "
                                                       f"(`run_ablations`, or this chapter with configs='full')")
@@ -417,4 +415,4 @@ def evaluate_ablations(
     return summary
 
 def _save(path:Path, write):
-    tmp = path.with_name(path.name + ".tmp"); write(tmp); os.replace(tmp, path)
+    with atomic_write(path) as tmp: write(tmp)

@@ -24,12 +24,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .artifacts import artifact_in, require, save_json, subject_name
 from .models import load_models
-from .nsd_data import resolve_out_dir
 from .ridge import RidgeConfig, decode_subject, ridge_config
-from .stage1 import decoded_path, stage_inputs
-from .stage2 import STAGE2_CFG, Stage2Config, reconstruct, run_images, run_size, save_json, select_rows
-from .stage2 import stage1_settings
+from .stage1 import stage1_settings, stage_inputs
+from .stage2 import STAGE2_CFG, Stage2Config, reconstruct, run_images, run_size, select_rows
 
 # %% ../nbs/04b_cluster.ipynb #00247450
 @dataclass(frozen=True)
@@ -129,13 +128,13 @@ def shard_status(
     max_images:int|None=None,  # first k test images; None: all
 ) -> list:  # one dict per shard: {shard, nsd_id, unfinished}
     "For each shard, its test images (73k ids) and those not finished at `n_iters` iterations."
-    dec = decoded_path(out_dir, subject)
+    dec = require(out_dir, subject, "decoded")
     with h5py.File(dec, "r") as f: ids = f["nsd_id"][:]
     status = []
     for i in range(int(n_shards)):
         rows = [int(ids[r]) for r in select_rows(len(ids), max_images, f"{i}/{n_shards}")]
         status.append(dict(shard=f"{i}/{n_shards}", nsd_id=rows,
-                           unfinished=[r for r in rows if not _finished(dec.parent / "stage2" / str(r), n_iters)]))
+                           unfinished=[r for r in rows if not _finished(artifact_in(dec.parent, "stage2") / str(r), n_iters)]))
     return status
 
 # %% ../nbs/04b_cluster.ipynb #e86c22b5
@@ -277,15 +276,15 @@ def submit_stage2(
                             [cluster.stage2.cpus] * len(todo))
         rec["attempts"].append(dict(shards=todo, jobs=[j.job_id for j in jobs]))
         if on_submit is not None: on_submit(jobs, attempt)
-        wait(jobs, executor, done, total, cluster.poll_s, f"stage 2 subj{int(subject):02d} ({executor})", progress)
+        wait(jobs, executor, done, total, cluster.poll_s, f"stage 2 {subject_name(subject)} ({executor})", progress)
         if bad := failed(jobs):
             raise RuntimeError(f"shard job {bad[0][0].job_id} failed (not sent again):\n{bad[0][1]}")
         st = status()
     ids = check_merged(st, total) if not any(s["unfinished"] for s in st) else None
     left = {s["shard"]: s["unfinished"] for s in st if s["unfinished"]}
     rec |= dict(status="done" if ids else "unfinished", unfinished=left)
-    (dec.parent / "stage2").mkdir(exist_ok=True)
-    save_json(dec.parent / "stage2" / "submit.json", rec)
+    artifact_in(dec.parent, "stage2").mkdir(exist_ok=True)
+    save_json(artifact_in(dec.parent, "stage2") / "submit.json", rec)
     if not ids: raise RuntimeError(f"shards still unfinished after {cluster.max_resubmits} resubmission(s): "
                                    f"{rec['unfinished']}; the logs are in {logs}")
     return rec
@@ -304,15 +303,12 @@ def submit_ridge(
     device=None,  # torch device of the solves in the job (None: cuda if the job has a GPU)
 ) -> Path:  # decoded.h5
     "Chapter 02's decoders for a subject as one job on one node, sent again if it is killed."
-    sd = resolve_out_dir(out_dir) / f"subj{int(subject):02d}"
-    for p, step in ((sd / "fmri.h5", "00"), (sd / "features.h5", "01")):
-        if not p.exists(): raise FileNotFoundError(
-            f"{p} is missing: run chapter {step} first (`minddiffuser run --subject {subject} --only {step}`)")
+    sd = require(out_dir, subject, "fmri").parent; require(out_dir, subject, "features")
     kw = dict(out_dir=str(out_dir), subject=int(subject), cfg=cfg, device=device)
     for attempt in range(cluster.max_resubmits + 1):
         job = make_executor(executor, sd / "slurm", cluster.ridge, name=f"md-ridge-s{int(subject):02d}").submit(
             _ridge_job, kw, cluster.ridge.cpus)
-        wait([job], executor, poll_s=cluster.poll_s, desc=f"ridge subj{int(subject):02d} ({executor})", progress=False)
+        wait([job], executor, poll_s=cluster.poll_s, desc=f"ridge {subject_name(subject)} ({executor})", progress=False)
         if job.paths.result_pickle.exists(): return Path(job.result())  # raises the job's own error if it failed
     raise RuntimeError(f"the ridge job was killed {cluster.max_resubmits + 1} times; the logs are in {sd / 'slurm'}")
 

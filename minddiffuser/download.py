@@ -22,6 +22,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from .artifacts import subject_name
 from .nsd_data import load_manifest
 
 # %% ../nbs/00a_download.ipynb #c88441b9
@@ -246,7 +247,7 @@ def download_subject(
             raise DownloadError(f"subject {subject} needs {need/1e9:.1f} GB more under {root}, which has {free/1e9:.1f} GB free: "
                                 f"free space, choose another --data-root, or fewer --n-sessions")
         res = {'data_root': str(root), 'downloaded': [], 'resumed': [], 'skipped': [], 'coco': []}
-        for e in tqdm(plan, desc=f'subj{subject:02d}', unit='file', disable=not progress):
+        for e in tqdm(plan, desc=subject_name(subject), unit='file', disable=not progress):
             st = download_file(e['url'], root/e['path'], e['size'], e['sha256'], session=session, progress=progress, cfg=cfg)
             res[st].append(e['path'])
         if coco:

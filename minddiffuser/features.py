@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['INTERPOLATIONS', 'FEATURE_CFG', 'DESCRIPTIONS', 'FeatureConfig', 'caption_embeddings', 'images_to_tensor',
            'row_seeds', 'vae_latents', 'clip_preprocess', 'clip_features', 'image_features', 'feature_layout',
-           'write_features', 'features_path', 'extract_features']
+           'write_features', 'extract_features']
 
 # %% ../nbs/01_features.ipynb #8820b95c
 import json
@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 import minddiffuser
 from .models import Components, check_models_for_data, load_models, resolve_model_ids
-from .nsd_data import input_data_root, is_synthetic, read_captions, read_images, resolve_out_dir
+from .artifacts import artifact_path, require, settings_diff
+from .nsd_data import input_data_root, is_synthetic, read_captions, read_images
 
 # %% ../nbs/01_features.ipynb #4680f8f7
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -219,8 +220,8 @@ def _mismatch(path, settings, ids, need_complete) -> str|None:
     try:
         with h5py.File(path, "r") as f:
             old = json.loads(f.attrs.get("settings", "{}"))
-            if diff := sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k)):
-                return "it was written with other settings: " + ", ".join(f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in diff)
+            if diff := settings_diff(old, settings):
+                return "it was written with other settings: " + ", ".join(f"{k}={a!r} (now {b!r})" for k, a, b in diff)
             if set(f) - {"c_uncond", "c_bos"} != set(ids) or any(not np.array_equal(f[s]["nsd_id"][:], v) for s, v in ids.items()):
                 return "its rows (nsd_id) differ from the ones asked for"
             if need_complete and not f.attrs.get("complete", False): return "it is incomplete"
@@ -289,18 +290,6 @@ def write_features(
     os.replace(part, path)
     return path
 
-# %% ../nbs/01_features.ipynb #ff8065fc
-def features_path(
-    out_dir,  # artifacts folder
-    subject:int,  # NSD subject
-) -> Path:
-    "`<out_dir>/subjNN/features.h5`, or an error that says how to write it."
-    p = resolve_out_dir(out_dir) / f"subj{int(subject):02d}" / "features.h5"
-    if not p.exists(): raise FileNotFoundError(
-        f"{p} is missing: run `minddiffuser run --subject {subject} --only 01` (or `papermill nbs/01_features.ipynb "
-        f"out.ipynb -p subject {subject}`) first.")
-    return p
-
 # %% ../nbs/01_features.ipynb #230e43a2
 def extract_features(
     subject:int=1,  # NSD subject
@@ -318,10 +307,7 @@ def extract_features(
     "Write `<out_dir>/subjNN/features.h5` for the train and test images of `fmri.h5`."
     cfg.check()
     if int(batch_size) < 1: raise ValueError(f"batch_size={batch_size} must be at least 1")
-    fmri = resolve_out_dir(out_dir) / f"subj{int(subject):02d}" / "fmri.h5"
-    if not fmri.exists(): raise FileNotFoundError(
-        f"{fmri} is missing: run `minddiffuser run --subject {subject} --only 00` (or `papermill nbs/00_nsd_data.ipynb "
-        f"out.ipynb -p subject {subject}`) first.")
+    fmri = require(out_dir, subject, "fmri")
     root = input_data_root(data_root, out_dir, subject)
     with h5py.File(fmri, "r") as f:
         ids = {s: f[f"{s}/nsd_id"][:] for s in ("train", "test")}
@@ -334,5 +320,5 @@ def extract_features(
     m = load_models(models, clip_model, device=device, seed=seed)
     cfg = replace(cfg, vae_size=cfg.vae_side(m.vae))  # the file records the side it used
     attrs = dict(subject=int(subject), data_root=str(root.resolve()), synthetic=bool(synthetic))
-    return write_features(fmri.with_name("features.h5"), ids, lambda b: read_images(root, b),
+    return write_features(artifact_path(out_dir, subject, "features"), ids, lambda b: read_images(root, b),
                           lambda b: read_captions(root, b), m, batch_size, seed, cfg, attrs, overwrite)

@@ -30,7 +30,8 @@ from scipy.linalg import lapack
 from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
-from .nsd_data import configured_data_root, is_synthetic, resolve_out_dir
+from .artifacts import artifact_in, artifact_path, atomic_write, require, resolve_out_dir, subject_name
+from .nsd_data import configured_data_root, is_synthetic
 
 # %% ../nbs/02_ridge.ipynb #c0426725
 @dataclass
@@ -605,25 +606,24 @@ def fit_family(design, # `Design` of the normalised training fMRI, or a function
         else: dims = np.arange(Y.shape[1])
         _fit_blocks(f, design, Y, dims, y_mean, y_std, alpha, k, block, chunk, mem_gb, progress, f"{name}: fit")
         f.attrs["seconds"] = f.attrs.get("seconds", 0.0) + time.time() - t0
-    tmp = path.with_name(path.stem + ".tmp.h5")
-    if folds is None: os.replace(part, tmp)
-    else:
-        with h5py.File(part, "r") as src, h5py.File(tmp, "w") as dst:
-            for key in ("model/idx", "model/w", "model/b", "dims", "cv/fold_r"):
-                if key in src: src.copy(src[key], dst, key)
-            dst.attrs.update(src.attrs)
-    with h5py.File(tmp, "a") as f:
-        for key in ("model/done", "cv/done"):
-            if key in f: del f[key]
-        mask = np.zeros(Y.shape[1], bool); mask[dims] = True
-        f["mask"], f["y_mean"], f["y_std"] = mask, y_mean, y_std
-        if cv is not None: f["cv/score"] = cv
-        for key, v in (extra or {}).items(): f[key] = v
-        f.attrs.update(dict(family=name, alpha=alpha, n_feat=n_feat, n_feat_used=k, n_train=design.n, n_voxels=design.d,
-                            width=Y.shape[1], n_fit=len(dims), cv_abs=cv_abs, n_folds=len(folds) if folds else 0, keep_frac=keep_frac if folds else 1.0,
-                            created=datetime.now(timezone.utc).isoformat(), **(attrs or {})))
-        f.attrs["fingerprint"], f.attrs["complete"] = fp, True
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        if folds is None: os.replace(part, tmp)
+        else:
+            with h5py.File(part, "r") as src, h5py.File(tmp, "w") as dst:
+                for key in ("model/idx", "model/w", "model/b", "dims", "cv/fold_r"):
+                    if key in src: src.copy(src[key], dst, key)
+                dst.attrs.update(src.attrs)
+        with h5py.File(tmp, "a") as f:
+            for key in ("model/done", "cv/done"):
+                if key in f: del f[key]
+            mask = np.zeros(Y.shape[1], bool); mask[dims] = True
+            f["mask"], f["y_mean"], f["y_std"] = mask, y_mean, y_std
+            if cv is not None: f["cv/score"] = cv
+            for key, v in (extra or {}).items(): f[key] = v
+            f.attrs.update(dict(family=name, alpha=alpha, n_feat=n_feat, n_feat_used=k, n_train=design.n, n_voxels=design.d,
+                                width=Y.shape[1], n_fit=len(dims), cv_abs=cv_abs, n_folds=len(folds) if folds else 0,
+                                keep_frac=keep_frac if folds else 1.0, created=datetime.now(timezone.utc).isoformat(), **(attrs or {})))
+            f.attrs["fingerprint"], f.attrs["complete"] = fp, True
     if part.exists(): part.unlink()
     return path
 
@@ -766,17 +766,16 @@ def decode_subject(out_dir="runs", # artifacts folder holding subjNN/fmri.h5 and
                   ) -> Path:
     "Fit (or resume) a subject's decoders into decoders/ and write decoded.h5: decoded test features and their accuracy."
     cfg = cfg or RidgeConfig()
-    sd = resolve_out_dir(out_dir)/f"subj{int(subject):02d}"
-    for p, step in ((sd/"fmri.h5", "00"), (sd/"features.h5", "01")):
-        if not p.exists(): raise FileNotFoundError(f"{p} is missing: run chapter {step} first (`minddiffuser run --subject {subject} --only {step}`)")
-    layout = feature_families(sd/"features.h5")
+    fmri, feats = require(out_dir, subject, "fmri"), require(out_dir, subject, "features")
+    sd = fmri.parent
+    layout = feature_families(feats)
     fams = list(layout) if families is None else list(families)
     for fam in fams:
-        if fam not in layout: raise KeyError(f"family {fam!r} is not in {sd/'features.h5'} (it has {list(layout)})")
-    with h5py.File(sd/"fmri.h5", "r") as f:
+        if fam not in layout: raise KeyError(f"family {fam!r} is not in {feats} (it has {list(layout)})")
+    with h5py.File(fmri, "r") as f:
         Xtr, Xte = f["train/fmri"][:], f["test/fmri"][:]
         ids = {s: f[f"{s}/nsd_id"][:] for s in ("train", "test")}
-    with h5py.File(sd/"features.h5", "r") as f:
+    with h5py.File(feats, "r") as f:
         for split in ("train", "test"):
             if f"{split}/nsd_id" in f and not np.array_equal(f[f"{split}/nsd_id"][:], ids[split]):
                 raise ValueError(f"{split} images differ between fmri.h5 and features.h5 (nsd_id): rebuild features.h5 from this fmri.h5")
@@ -796,11 +795,11 @@ def decode_subject(out_dir="runs", # artifacts folder holding subjNN/fmri.h5 and
     def folds():
         if "folds" not in lazy: lazy["folds"] = CVFolds(design(), cfg.n_folds)
         return lazy["folds"]
-    for fam in tqdm(fams, desc=f"subj{int(subject):02d} decoders", disable=not progress):
+    for fam in tqdm(fams, desc=f"{subject_name(subject)} decoders", disable=not progress):
         alpha, n_feat, select = params[fam]
-        path = decoder_path(sd/"decoders", fam)
+        path = decoder_path(artifact_in(sd, "decoders"), fam)
         if force and path.exists(): path.unlink()
-        with h5py.File(sd/"features.h5", "r") as f:
+        with h5py.File(feats, "r") as f:
             Y = _targets(f, "train", fam)
             extra = dict(x_mean=x_mean, x_std=x_std)
             if fam == "c": extra["token0"] = f["train/c"][:, 0].astype(np.float64).mean(0)
@@ -818,13 +817,12 @@ def write_decoded(sd, # the subject folder (holds fmri.h5, features.h5, decoders
                   device=None # torch device
                  ) -> Path:
     "Decode the test fMRI with each family's decoder and write decoded.h5 with the accuracy per image and per dimension."
-    sd = Path(sd)
-    with h5py.File(sd/"fmri.h5", "r") as f: Xte, ids = f["test/fmri"][:].astype(np.float64), f["test/nsd_id"][:]
-    tmp = sd/"decoded.tmp.h5"
-    with h5py.File(sd/"features.h5", "r") as ft, h5py.File(tmp, "w") as out:
+    sd, dest = Path(sd), artifact_in(sd, "decoded")
+    with h5py.File(artifact_in(sd, "fmri"), "r") as f: Xte, ids = f["test/fmri"][:].astype(np.float64), f["test/nsd_id"][:]
+    with h5py.File(artifact_in(sd, "features"), "r") as ft, atomic_write(dest) as tmp, h5py.File(tmp, "w") as out:
         out["nsd_id"] = ids
         for fam in families:
-            dec = load_decoder(decoder_path(sd/"decoders", fam), device)
+            dec = load_decoder(decoder_path(artifact_in(sd, "decoders"), fam), device)
             m, s = zscore_stats(Xte) if x_norm == "test" else (dec.extra["x_mean"], dec.extra["x_std"])
             pred = dec.predict((Xte - m)/s)
             truth = ft[f"test/{fam}"][:].astype(np.float64)
@@ -843,8 +841,7 @@ def write_decoded(sd, # the subject folder (holds fmri.h5, features.h5, decoders
         out.attrs.update(subject=int(re.findall(r"\d+", sd.name)[-1]) if re.findall(r"\d+", sd.name) else -1, x_norm=x_norm,
                          families=json.dumps(families), created=datetime.now(timezone.utc).isoformat(),
                          note="per_image r: whole 15xW vector for c (authors' metric), selected dims for CLIP layers")
-    os.replace(tmp, sd/"decoded.h5")
-    return sd/"decoded.h5"
+    return dest
 
 # %% ../nbs/02_ridge.ipynb #205ea9c9
 def _short(family:str) -> str: return re.sub(r"transformer\.resblocks\.(\d+)\.mlp\.c_proj", r"L\1", family)
@@ -875,11 +872,11 @@ def plot_selection(decoded, # a decoded.h5 (its features.h5 and decoders/ sit be
     sd = Path(decoded).parent
     with h5py.File(decoded, "r") as f: layers = [k for k in json.loads(f.attrs["families"]) if k.startswith("clip/") and k != "clip/embed"]
     if not layers: return None
-    if tokens is None and (sd/"features.h5").exists():
-        with h5py.File(sd/"features.h5", "r") as f: tokens = f.attrs.get("clip_tokens")
+    if tokens is None and artifact_in(sd, "features").exists():
+        with h5py.File(artifact_in(sd, "features"), "r") as f: tokens = f.attrs.get("clip_tokens")
     fig, axs = plt.subplots(2, len(layers), figsize=(2.6*len(layers) + 1, 4.2), squeeze=False)
     for j, k in enumerate(layers):
-        dec = load_decoder(decoder_path(sd/"decoders", k), "cpu")
+        dec = load_decoder(decoder_path(artifact_in(sd, "decoders"), k), "cpu")
         t = int(tokens) if tokens else (50 if dec.width % 50 == 0 else 1)
         axs[0, j].imshow(dec.mask.reshape(t, -1), aspect="auto", interpolation="nearest", cmap="Greys")
         im = axs[1, j].imshow(dec.cv_score.reshape(t, -1), aspect="auto", interpolation="nearest", cmap="magma")
@@ -896,17 +893,18 @@ def resolve_inputs(out_dir="runs", # artifacts folder
                    data_root=None # NSD root (None: as configured); a stand-in is decoded only on synthetic data
                   ) -> Path:
     "The artifacts folder to decode: out_dir if its features.h5 exists; on synthetic data without it, a planted stand-in (announced)."
-    root = resolve_out_dir(out_dir); name = f"subj{int(subject):02d}"
-    if (root/name/"features.h5").exists(): return root
-    if (root/name/"fmri.h5").exists():
-        with h5py.File(root/name/"fmri.h5", "r") as f: synthetic = bool(f.attrs.get("synthetic", False))
-        missing, only = root/name/"features.h5", "01"
+    root, name = resolve_out_dir(out_dir), subject_name(subject)
+    fmri, feats = artifact_path(root, subject, "fmri"), artifact_path(root, subject, "features")
+    if feats.exists(): return root
+    if fmri.exists():
+        with h5py.File(fmri, "r") as f: synthetic = bool(f.attrs.get("synthetic", False))
+        missing, only = feats, "01"
     else:
         nsd = configured_data_root(data_root)[0]
-        synthetic, missing, only = nsd is None or is_synthetic(nsd), root/name/"fmri.h5", "00 01"
+        synthetic, missing, only = nsd is None or is_synthetic(nsd), fmri, "00 01"
     if not synthetic: raise FileNotFoundError(f"{missing} is missing on real NSD data (no stand-in is decoded there): run "
                                               f"`minddiffuser run --subject {subject} --only {only}` first")
     demo = root/"demo_ridge"
-    if not (demo/name/"features.h5").exists(): write_planted_inputs(demo/name, subject=subject, seed=seed)
-    print(f"{root/name/'features.h5'} not found (chapter 01 has not run): decoding a stand-in with planted structure in {demo/name}")
+    if not artifact_in(demo/name, "features").exists(): write_planted_inputs(demo/name, subject=subject, seed=seed)
+    print(f"{feats} not found (chapter 01 has not run): decoding a stand-in with planted structure in {demo/name}")
     return demo

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['STAGE1', 'STAGE1_CONSISTENT', 'STAGE1_SMALL', 'Stage1Config', 'stage1_timesteps', 'uncond_embedding', 'Stage1Output',
-           'ddim_img2img', 'decode_latents', 'write_fake_decoded', 'decoded_path', 'stage_inputs', 'to_uint8',
-           'run_stage1']
+           'ddim_img2img', 'decode_latents', 'write_fake_decoded', 'stage_inputs', 'to_uint8', 'run_stage1',
+           'stage1_settings']
 
 # %% ../nbs/03_stage1.ipynb #25bddb4c
 import hashlib
@@ -13,7 +13,7 @@ import json
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import h5py
@@ -25,9 +25,10 @@ from PIL import Image
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from .artifacts import artifact_in, artifact_path, atomic_write, require, save_json, settings_diff
 from .features import FEATURE_CFG, FeatureConfig, caption_embeddings, row_seeds
 from .models import Components, check_models_for_data, is_world, load_models, resolve_model_ids
-from .nsd_data import input_data_root, is_synthetic, resolve_out_dir, subject_dir
+from .nsd_data import input_data_root, is_synthetic, subject_dir
 
 # %% ../nbs/03_stage1.ipynb #b7f42c33
 @dataclass(frozen=True)
@@ -194,22 +195,11 @@ def write_fake_decoded(
     return Path(path)
 
 # %% ../nbs/03_stage1.ipynb #729b0623
-def decoded_path(
-    out_dir,  # artifacts folder
-    subject:int,  # NSD subject
-) -> Path:
-    "`<out_dir>/subjNN/decoded.h5`, or an error that says how to write it."
-    p = resolve_out_dir(out_dir) / f"subj{int(subject):02d}" / "decoded.h5"
-    if not p.exists(): raise FileNotFoundError(
-        f"{p} is missing: run `minddiffuser run --subject {subject} --only 02` (or `papermill nbs/02_ridge.ipynb "
-        f"out.ipynb -p subject {subject}`) first; it needs fmri.h5 and features.h5 (`--only 00 01 02` makes all three).")
-    return p
-
 def _provenance(subj:Path) -> dict:
     "Which SD models and twin-weight seed made the decoded latents (decoded.h5, else features.h5)."
-    for name in ("decoded.h5", "features.h5"):
-        if (subj / name).exists():
-            with h5py.File(subj / name, "r") as f:
+    for p in (artifact_in(subj, "decoded"), artifact_in(subj, "features")):
+        if p.exists():
+            with h5py.File(p, "r") as f:
                 if "models" in f.attrs: return dict(models=str(f.attrs["models"]), weights_seed=int(f.attrs.get("weights_seed", 0)),
                                                     **({"clip_model": str(f.attrs["clip_model"])} if "clip_model" in f.attrs else {}))
     return {}
@@ -222,7 +212,7 @@ def stage_inputs(out_dir, # artifacts folder
                  allow_mix:bool=False # allow tiny models on real data and real models on synthetic data
                 ) -> tuple:
     "What a reconstruction stage runs on: (decoded.h5, synthetic?, models, clip_model, provenance), checked before any work."
-    dec = decoded_path(out_dir, subject)
+    dec = require(out_dir, subject, "decoded")
     synthetic = is_synthetic(input_data_root(data_root, out_dir, subject))
     src = _provenance(dec.parent)  # a stage run alone takes the networks its inputs were made with
     models, clip_model = resolve_model_ids(models or src.get("models"), clip_model or src.get("clip_model"), synthetic)
@@ -246,9 +236,7 @@ def to_uint8(images:torch.Tensor) -> np.ndarray:
     return (images.detach().float().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 def _save_png(image:np.ndarray, path:Path):
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp: Image.fromarray(image).save(tmp, format="PNG")
 
 # %% ../nbs/03_stage1.ipynb #3bff6338
 def run_stage1(
@@ -274,15 +262,13 @@ def run_stage1(
         ids, c_all, z_all = f["nsd_id"][:n], f["c"][:n], f["z"][:n]
     if c_all.ndim != 3 or c_all.shape[1] != cfg.max_length or z_all.ndim != 4: raise ValueError(
         f"{dec} holds c {c_all.shape} and z {z_all.shape}; expected c (N, {cfg.max_length}, W) and z (N, C, h, w)")
-    out = dec.parent / "stage1"; out.mkdir(exist_ok=True)
+    out, rec = artifact_in(dec.parent, "stage1"), artifact_in(dec.parent, "stage1_settings"); out.mkdir(exist_ok=True)
     settings = dict(models=models, weights_seed=src.get("weights_seed", 0), decoded_sha256=_sha256(dec), **asdict(cfg))
-    rec = out / "settings.json"
-    if rec.exists() and (old := json.loads(rec.read_text())) != settings:
-        diff = ", ".join(f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in sorted(settings.keys() | old.keys()) if old.get(k) != settings.get(k))
-        if not overwrite: raise ValueError(f"{out} holds images made with other settings: {diff}. Rerun with the same "
-                                           f"settings, or pass overwrite=True (or delete the folder) to start again.")
+    if rec.exists() and (diff := settings_diff(json.loads(rec.read_text()), settings)):
+        if not overwrite: raise ValueError(f"{out} holds images made with other settings: {', '.join(f'{k}={a!r} (now {b!r})' for k, a, b in diff)}. "
+                                           f"Rerun with the same settings, or pass overwrite=True (or delete the folder) to start again.")
         for p in out.glob("*.png"): p.unlink()
-    rec.with_suffix(".tmp").write_text(json.dumps(settings, indent=1)); os.replace(rec.with_suffix(".tmp"), rec)
+    save_json(rec, settings)
     todo = [k for k, i in enumerate(ids) if not (out / f"{i}.png").exists()]
     if not todo: return out
     m = load_models(models, clip_model, device=device, seed=settings["weights_seed"])
@@ -297,3 +283,14 @@ def run_stage1(
             for k, im in zip(rows, to_uint8(decode_latents(m.vae, lat))): _save_png(im, out / f"{ids[k]}.png")
             bar.update(len(rows))
     return out
+
+# %% ../nbs/03_stage1.ipynb #c9e257b8
+def stage1_settings(
+    out_dir,  # artifacts folder
+    subject:int,  # NSD subject
+) -> Stage1Config:
+    "The sampler settings this chapter recorded for `subject` (`stage1/settings.json`), else its defaults."
+    p = artifact_path(out_dir, subject, "stage1_settings")
+    if not p.exists(): return STAGE1
+    d = json.loads(p.read_text())
+    return Stage1Config(**{f.name: d[f.name] for f in fields(Stage1Config) if f.name in d}).check()

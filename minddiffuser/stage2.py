@@ -5,18 +5,17 @@
 # %% auto #0
 __all__ = ['FINALS', 'OPTIMISED', 'AUTOCASTS', 'STAGE2_CFG', 'HISTORY', 'RESULT_FREE', 'SYNTHETIC_RUN', 'Stage2Config',
            'layer_weights', 'Stage2Loss', 'stage2_loss', 'make_optimiser', 'optimiser_step', 'iteration_noise',
-           'stage2_forward', 'save_png', 'save_json', 'check_settings', 'write_state', 'read_state', 'ImageRun',
-           'parse_shard', 'select_rows', 'check_decoded', 'read_rows', 'pending', 'optimise_batch', 'run_images',
-           'show_run', 'stage1_settings', 'reconstruct', 'run_size']
+           'stage2_forward', 'save_png', 'check_settings', 'write_state', 'read_state', 'ImageRun', 'parse_shard',
+           'select_rows', 'check_decoded', 'read_rows', 'pending', 'optimise_batch', 'run_images', 'show_run',
+           'reconstruct', 'run_size']
 
 # %% ../nbs/04_stage2.ipynb #9aa90b26
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -28,10 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .artifacts import artifact_in, atomic_write, save_json, settings_diff
 from .features import FEATURE_CFG, clip_features, row_seeds
 from .models import Components, load_models
-from .nsd_data import resolve_out_dir
-from .stage1 import STAGE1, Stage1Config, ddim_img2img, decode_latents, stage_inputs, uncond_embedding
+from .stage1 import STAGE1, Stage1Config, ddim_img2img, decode_latents, stage1_settings, stage_inputs, uncond_embedding
 
 # %% ../nbs/04_stage2.ipynb #fe91a654
 FINALS = ("last", "best")
@@ -172,19 +171,10 @@ def stage2_forward(
 HISTORY = ("loss", "structure", "embed", "lr")  # columns of the per-iteration record
 RESULT_FREE = ("n_iters", "state_every", "checkpoint")  # settings that do not change an image's trajectory
 
-def _atomic(path:Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
 def save_png(path:Path, image:torch.Tensor):
     "Write an image (3, H, W) in [0, 1] as an 8-bit PNG, atomically."
     a = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    _atomic(Path(path), lambda t: Image.fromarray(a).save(t, format="PNG"))
-
-def save_json(path:Path, obj:dict):
-    "Write JSON atomically."
-    _atomic(Path(path), lambda t: t.write_text(json.dumps(obj, indent=1)))
+    with atomic_write(path) as t: Image.fromarray(a).save(t, format="PNG")
 
 def _strip(s:dict) -> dict:
     out = json.loads(json.dumps(s, default=str))
@@ -197,12 +187,8 @@ def check_settings(
     new:dict,  # settings of this run
 ):
     "Refuse to continue an image made with settings that change its result."
-    a, b = _strip(old), _strip(new)
-    flat = lambda d: {f"{k}.{j}" if isinstance(v, dict) else k: (w if isinstance(v, dict) else v)
-                      for k, v in d.items() for j, w in (v.items() if isinstance(v, dict) else [(None, v)])}
-    a, b = flat(a), flat(b)
-    if diff := [f"{k}: {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]:
-        raise ValueError(f"{folder} holds a stage-2 run made with other settings ({'; '.join(diff)}). "
+    if diff := settings_diff(_strip(old), _strip(new)):
+        raise ValueError(f"{folder} holds a stage-2 run made with other settings ({'; '.join(f'{k}: {a!r}, now {b!r}' for k, a, b in diff)}). "
                          f"Use another out_dir, or delete {folder} to start this image again.")
 
 # %% ../nbs/04_stage2.ipynb #e9938e71
@@ -222,7 +208,7 @@ def write_state(
         optimizer=json.dumps({"state": {str(i): list(st) for i, st in sd["state"].items()}, "param_groups": sd["param_groups"]}),
         scheduler=json.dumps(sched.state_dict()))
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic(Path(path), lambda t: save_file(tensors, t, metadata=info))
+    with atomic_write(path) as t: save_file(tensors, str(t), metadata=info)
 
 def read_state(
     path:Path,  # a state.safetensors
@@ -302,7 +288,7 @@ class ImageRun:
         if float(loss.structure) < best: save_png(self.folder / "best.png", image)
         if self.done and self.cfg.final == "last": save_png(self.folder / "final.png", image)
         if self.done and self.cfg.final == "best":
-            _atomic(self.folder / "final.png", lambda t: t.write_bytes((self.folder / "best.png").read_bytes()))
+            with atomic_write(self.folder / "final.png") as t: t.write_bytes((self.folder / "best.png").read_bytes())
         if self.done or self.iteration % self.cfg.state_every == 0: self.save()
 
 # %% ../nbs/04_stage2.ipynb #c4e9c627
@@ -479,16 +465,6 @@ def show_run(
 # %% ../nbs/04_stage2.ipynb #0c931eec
 SYNTHETIC_RUN = dict(n_iters=5, max_images=8, batch_size=8)  # the demo's size on the synthetic tree when n_iters / max_images / batch_size are None
 
-def stage1_settings(
-    out_dir,  # artifacts folder
-    subject:int,  # NSD subject
-) -> Stage1Config:
-    "The sampler settings chapter 03 recorded for this subject (`stage1/settings.json`), else its defaults."
-    p = resolve_out_dir(out_dir) / f"subj{int(subject):02d}" / "stage1" / "settings.json"
-    if not p.exists(): return STAGE1
-    d = json.loads(p.read_text())
-    return Stage1Config(**{f.name: d[f.name] for f in fields(Stage1Config) if f.name in d}).check()
-
 def reconstruct(
     subject:int=1,  # NSD subject
     data_root=None,  # NSD root (see `resolve_data_root`)
@@ -514,7 +490,7 @@ def reconstruct(
     s1 = (s1 or stage1_settings(out_dir, subject)).check()
     with h5py.File(dec, "r") as f: rows = select_rows(len(f["nsd_id"]), size["max_images"], shard)
     m = load_models(models, clip_model, device=device, seed=src.get("weights_seed", 0))
-    return run_images(m, dec, dec.parent / "stage2", rows, cfg, s1, size["batch_size"], seed,
+    return run_images(m, dec, artifact_in(dec.parent, "stage2"), rows, cfg, s1, size["batch_size"], seed,
                       dict(subject=int(subject), synthetic=bool(synthetic)), callback, progress)
 
 # %% ../nbs/04_stage2.ipynb #35df35b6

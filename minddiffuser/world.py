@@ -12,7 +12,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm, trange
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from .artifacts import atomic_write
 from .features import FEATURE_CFG, caption_embeddings, clip_preprocess, images_to_tensor
 from .models import MODEL_CFG, _seeded, clip_bpe_tokenizer, world_paths
 from .nsd_data import COLOURS, SHAPES, load_manifest, random_scene, render_scene, resolve_out_dir, scene_captions
@@ -260,7 +260,8 @@ def train_world(
     def stage(name, fit):
         p = work/f"{name}.pt"
         if p.exists(): return torch.load(p, weights_only=False)
-        result = fit(); torch.save(result, p.with_suffix(".tmp")); os.replace(p.with_suffix(".tmp"), p)
+        result = fit()
+        with atomic_write(p) as tmp: torch.save(result, tmp)
         return result
     vae, r_vae = stage("vae", lambda: train_vae(images, cfg, progress, device))
     tokenizer, te, unet, r_unet = stage("denoiser", lambda: train_denoiser(vae, images, captions, cfg, progress, device))

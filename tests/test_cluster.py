@@ -143,7 +143,7 @@ def test_submit_refuses_in_one_line_before_sending(tmp_path, synth_root, stage2_
     for argv, msg in ((["stage2", "--subject", "3", *out], "subj03"),
                       (["stage2", "--subject", "1", *out, "--no-probe"], "--no-probe needs --shards"),
                       (["stage2", "--subject", "1", *out, "--cpus", "0", "--executor", kind], "cpus >= 1"),
-                      (["ridge", "--subject", "2", *out, "--executor", kind], "run chapter 00 first")):
+                      (["ridge", "--subject", "2", *out, "--executor", kind], "fmri.h5 is missing: run `minddiffuser run --subject 2 --only 00`")):
         err = io.StringIO()
         with contextlib.redirect_stderr(err): assert submit_main(argv) == 2, argv
         assert err.getvalue().count("\n") == 1 and msg in err.getvalue(), (argv, err.getvalue())

@@ -122,7 +122,7 @@ def test_planted_selection_and_artifacts(planted):
         dec = load_decoder(decoder_path(sd/"decoders", k), "cpu")
         assert dec.attrs["complete"] and dec.attrs["n_voxels"] == 300 and {"x_mean", "x_std"} <= set(dec.extra)
         assert dec.attrs["n_feat_used"] == used[k] and (dec.model.idx is None) == (used[k] == 300)
-    assert not list((sd/"decoders").rglob("*.partial.h5")) and not list(sd.glob("*.tmp.h5"))
+    assert not list((sd/"decoders").rglob("*.partial.h5")) and not list(sd.rglob("*.tmp"))
 
 
 def test_decoders_match_a_direct_fit(planted):
@@ -163,7 +163,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
 
 
 def test_subject_level_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run chapter 00"): decode_subject(tmp_path, 1, device="cpu")
+    with pytest.raises(FileNotFoundError, match=r"fmri.h5 is missing: run `minddiffuser run --subject 1 --only 00`"): decode_subject(tmp_path, 1, device="cpu")
     sd = write_planted_inputs(tmp_path/"subj01", n_train=60, n_test=10, n_voxels=40, seed=1)
     with h5py.File(sd/"features.h5", "a") as f:
         del f["train/nsd_id"]; f["train/nsd_id"] = np.arange(60)
