@@ -25,7 +25,7 @@ def project_root(start=None) -> Path|None:
         if s.exists() and re.search(r"^lib_name\s*=\s*minddiffuser\s*$", s.read_text(), re.M): return d
     return None
 
-def resolve_out_dir(out_dir="runs" # artifacts folder; a relative path is taken from the project root if inside a checkout
+def resolve_out_dir(out_dir="runs" # artifacts folder; a relative path is taken from the checkout's root
                    ) -> Path:
     "Where artifacts go: absolute as given, else under the project root (so notebooks in `nbs/` and the CLI agree)."
     p = Path(out_dir)
@@ -37,7 +37,8 @@ def resolve_out_dir(out_dir="runs" # artifacts folder; a relative path is taken 
 def subject_name(subject:int # NSD subject
                 ) -> str:
     "`subjNN`, the name of a subject's folder and its label in progress bars."
-    if isinstance(subject, bool) or not str(subject).strip().isdigit(): raise ValueError(f"subject={subject!r} is not a subject number (1-8)")
+    if isinstance(subject, bool) or not str(subject).strip().isdigit():
+        raise ValueError(f"subject={subject!r} is not a subject number (1-8)")
     return f"subj{int(subject):02d}"
 
 def subject_dir(out_dir, # artifacts folder
@@ -68,7 +69,7 @@ ARTIFACTS = {a.name: a for a in (
     Artifact("stage2", "stage2", "04", "04_stage2", "stage-2 reconstructions, one folder per image"),
     Artifact("eval", "eval", "05", "05_eval", "metrics of every set and their figures"),
     Artifact("ablations", "ablations", "06", "06_ablations", "the ablations' runs, table and figures"),
-    Artifact("chain_record", "chain.json", "chain", "chain", "the record of a `minddiffuser run`: parameters, revision, timings"),
+    Artifact("chain_record", "chain.json", "chain", "chain", "a run's record: parameters, revision, timings"),
     Artifact("notebooks", "notebooks", "chain", "chain", "the executed notebooks of a `minddiffuser run`"),
 )}
 CHAPTER_NEEDS = {"00": (), "01": ("fmri",), "02": ("fmri", "features"), "03": ("decoded",), "04": ("decoded",),
@@ -111,16 +112,17 @@ def require(out_dir, # artifacts folder
     if p.exists(): return p
     s, up = int(subject), _upstream(a.chapter)
     needs = [ARTIFACTS[n].path for n in CHAPTER_NEEDS[a.chapter]]
+    chain = f"`minddiffuser run --subject {s} --only {' '.join(up + [a.chapter])}` makes them all"
     raise FileNotFoundError(
-        f"{p} is missing: run `{make_command(s, name)}` (or `papermill nbs/{a.notebook}.ipynb out.ipynb -p subject {s}`) first"
-        + (f"; it needs {' and '.join(needs)} (`minddiffuser run --subject {s} --only {' '.join(up + [a.chapter])}` makes them all)" if up else "")
-        + ".")
+        f"{p} is missing: run `{make_command(s, name)}` "
+        f"(or `papermill nbs/{a.notebook}.ipynb out.ipynb -p subject {s}`) first"
+        + (f"; it needs {' and '.join(needs)} ({chain})" if up else "") + ".")
 
 # %% ../nbs/00b_artifacts.ipynb #0b6c8a65
 @contextmanager
 def atomic_write(path # the file (or folder) to write
                 ):
-    "Yield a temporary path beside `path`; when the block ends without error it replaces `path` in one step, else it is removed."
+    "A temporary path beside `path`: it replaces `path` in one step if the block ends without error, else is removed."
     path = Path(path); tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
@@ -150,6 +152,7 @@ def flat_settings(d:dict, # settings, possibly nested
 def settings_diff(old:dict, # settings recorded with a file
                   new:dict # settings of this run
                  ) -> list:
-    "`[(key, old value, new value)]` of every setting that differs, keys sorted; a key missing on one side is None there."
-    a, b = flat_settings(json.loads(json.dumps(old, default=str))), flat_settings(json.loads(json.dumps(new, default=str)))
+    "`[(key, old value, new value)]` of every setting that differs, keys sorted; a key missing on a side is None there."
+    as_stored = lambda d: flat_settings(json.loads(json.dumps(d, default=str)))  # tuples become lists, as in a file
+    a, b = as_stored(old), as_stored(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]

@@ -32,7 +32,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.resnet import Bottleneck, ResNet
 from tqdm.auto import tqdm
 
-from .artifacts import ARTIFACTS, artifact_in, artifact_path, atomic_write, require, save_json
+from .artifacts import ARTIFACTS, artifact_in, artifact_path, atomic_write, require, resolve_out_dir, save_json
 from .models import MODEL_CFG, _check_clip_source, _offline, _real_clip_visual, _seeded, load_models
 from .models import is_world, resolve_model_ids
 from .nsd_data import input_data_root, is_synthetic, load_manifest, read_images

@@ -405,9 +405,9 @@ def zscore_stats(a, # (samples, dims)
                  axis:int=0) -> tuple:
     "Mean and std (ddof 0) per dimension, float64; a std below 10·eps becomes 1 (sklearn's StandardScaler rule)."
     a = np.asarray(a, np.float64)
-    m, s = a.mean(axis), a.std(axis)
-    s = np.where(s < 10*np.finfo(np.float64).eps, 1.0, s)
-    return m, s
+    mean, std = a.mean(axis), a.std(axis)
+    std = np.where(std < 10*np.finfo(np.float64).eps, 1.0, std)
+    return mean, std
 
 # %% ../nbs/02_ridge.ipynb #60f03589
 def normalise_fmri(train, # training fMRI (samples, voxels)
@@ -416,9 +416,9 @@ def normalise_fmri(train, # training fMRI (samples, voxels)
                   ) -> tuple:
     "z-scored (train, test, train mean, train std): training statistics for both, or the test set's own for the test."
     if x_norm not in ("train", "test"): raise ValueError(f"x_norm={x_norm!r}: use 'train' or 'test'")
-    m, s = zscore_stats(train)
-    tm, ts = zscore_stats(test) if x_norm == "test" else (m, s)
-    return (np.asarray(train, np.float64) - m)/s, (np.asarray(test, np.float64) - tm)/ts, m, s
+    mean, std = zscore_stats(train)
+    test_mean, test_std = zscore_stats(test) if x_norm == "test" else (mean, std)
+    return (np.asarray(train, np.float64) - mean)/std, (np.asarray(test, np.float64) - test_mean)/test_std, mean, std
 
 # %% ../nbs/02_ridge.ipynb #c0b7d3d0
 class CVFolds:
@@ -767,7 +767,7 @@ def decode_subject(out_dir="runs", # artifacts folder holding subjNN/fmri.h5 and
     "Fit (or resume) a subject's decoders into decoders/ and write decoded.h5: decoded test features and their accuracy."
     cfg = cfg or RidgeConfig()
     fmri, feats = require(out_dir, subject, "fmri"), require(out_dir, subject, "features")
-    sd = fmri.parent
+    subj = fmri.parent
     layout = feature_families(feats)
     fams = list(layout) if families is None else list(families)
     for fam in fams:
@@ -797,7 +797,7 @@ def decode_subject(out_dir="runs", # artifacts folder holding subjNN/fmri.h5 and
         return lazy["folds"]
     for fam in tqdm(fams, desc=f"{subject_name(subject)} decoders", disable=not progress):
         alpha, n_feat, select = params[fam]
-        path = decoder_path(artifact_in(sd, "decoders"), fam)
+        path = decoder_path(artifact_in(subj, "decoders"), fam)
         if force and path.exists(): path.unlink()
         with h5py.File(feats, "r") as f:
             Y = _targets(f, "train", fam)
@@ -808,37 +808,37 @@ def decode_subject(out_dir="runs", # artifacts folder holding subjNN/fmri.h5 and
                    block=block, mem_gb=mem_gb, progress=progress)
         del Y
     lazy.clear()
-    return write_decoded(sd, fams, cfg.x_norm, device)
+    return write_decoded(subj, fams, cfg.x_norm, device)
 
 # %% ../nbs/02_ridge.ipynb #15e6b91d
-def write_decoded(sd, # the subject folder (holds fmri.h5, features.h5, decoders/)
+def write_decoded(subj, # the subject folder (holds fmri.h5, features.h5, decoders/)
                   families:list, # families to decode, with finished decoders
                   x_norm:str="train", # test fMRI statistics: "train" or "test" (the authors')
                   device=None # torch device
                  ) -> Path:
     "Decode the test fMRI with each family's decoder and write decoded.h5 with the accuracy per image and per dimension."
-    sd, dest = Path(sd), artifact_in(sd, "decoded")
-    with h5py.File(artifact_in(sd, "fmri"), "r") as f: Xte, ids = f["test/fmri"][:].astype(np.float64), f["test/nsd_id"][:]
-    with h5py.File(artifact_in(sd, "features"), "r") as ft, atomic_write(dest) as tmp, h5py.File(tmp, "w") as out:
+    subj, dest = Path(subj), artifact_in(subj, "decoded")
+    with h5py.File(artifact_in(subj, "fmri"), "r") as f: Xte, ids = f["test/fmri"][:].astype(np.float64), f["test/nsd_id"][:]
+    with h5py.File(artifact_in(subj, "features"), "r") as ft, atomic_write(dest) as tmp, h5py.File(tmp, "w") as out:
         out["nsd_id"] = ids
         for fam in families:
-            dec = load_decoder(decoder_path(artifact_in(sd, "decoders"), fam), device)
-            m, s = zscore_stats(Xte) if x_norm == "test" else (dec.extra["x_mean"], dec.extra["x_std"])
-            pred = dec.predict((Xte - m)/s)
+            decoder = load_decoder(decoder_path(artifact_in(subj, "decoders"), fam), device)
+            mean, std = zscore_stats(Xte) if x_norm == "test" else (decoder.extra["x_mean"], decoder.extra["x_std"])
+            pred = decoder.predict((Xte - mean)/std)
             truth = ft[f"test/{fam}"][:].astype(np.float64)
             n = len(pred)
             if fam == "c":
-                full = np.empty(truth.shape); full[:, 0] = dec.extra["token0"]; full[:, 1:] = pred.reshape(n, truth.shape[1] - 1, *truth.shape[2:])
+                full = np.empty(truth.shape); full[:, 0] = decoder.extra["token0"]; full[:, 1:] = pred.reshape(n, truth.shape[1] - 1, *truth.shape[2:])
                 pred, mask = full, np.ones(full[0].size, bool)
-            else: pred, mask = pred.reshape(truth.shape), dec.mask
+            else: pred, mask = pred.reshape(truth.shape), decoder.mask
             out[fam] = pred.astype(np.float32)
             if fam.startswith("clip/") and fam != "clip/embed": out[f"clip_mask/{fam[5:]}"] = mask
             p, t = pred.reshape(n, -1)[:, mask], truth.reshape(n, -1)[:, mask]
             out[f"accuracy/{fam}/per_image"] = _pearson_np(p, t, 1)
             per_dim = np.full(mask.size, np.nan); per_dim[mask] = _pearson_np(p, t, 0)
             out[f"accuracy/{fam}/per_dim"] = per_dim
-            out[fam].attrs.update(units="features.h5 units", n_feat=dec.attrs["n_feat_used"], alpha=dec.attrs["alpha"])
-        out.attrs.update(subject=int(re.findall(r"\d+", sd.name)[-1]) if re.findall(r"\d+", sd.name) else -1, x_norm=x_norm,
+            out[fam].attrs.update(units="features.h5 units", n_feat=decoder.attrs["n_feat_used"], alpha=decoder.attrs["alpha"])
+        out.attrs.update(subject=int(re.findall(r"\d+", subj.name)[-1]) if re.findall(r"\d+", subj.name) else -1, x_norm=x_norm,
                          families=json.dumps(families), created=datetime.now(timezone.utc).isoformat(),
                          note="per_image r: whole 15xW vector for c (authors' metric), selected dims for CLIP layers")
     return dest
@@ -869,18 +869,18 @@ def plot_selection(decoded, # a decoded.h5 (its features.h5 and decoders/ sit be
                   ):
     "Maps (tokens × channels) of each CLIP layer's kept dimensions and of its CV score."
     import matplotlib.pyplot as plt
-    sd = Path(decoded).parent
+    subj = Path(decoded).parent
     with h5py.File(decoded, "r") as f: layers = [k for k in json.loads(f.attrs["families"]) if k.startswith("clip/") and k != "clip/embed"]
     if not layers: return None
-    if tokens is None and artifact_in(sd, "features").exists():
-        with h5py.File(artifact_in(sd, "features"), "r") as f: tokens = f.attrs.get("clip_tokens")
+    if tokens is None and artifact_in(subj, "features").exists():
+        with h5py.File(artifact_in(subj, "features"), "r") as f: tokens = f.attrs.get("clip_tokens")
     fig, axs = plt.subplots(2, len(layers), figsize=(2.6*len(layers) + 1, 4.2), squeeze=False)
     for j, k in enumerate(layers):
-        dec = load_decoder(decoder_path(artifact_in(sd, "decoders"), k), "cpu")
-        t = int(tokens) if tokens else (50 if dec.width % 50 == 0 else 1)
-        axs[0, j].imshow(dec.mask.reshape(t, -1), aspect="auto", interpolation="nearest", cmap="Greys")
-        im = axs[1, j].imshow(dec.cv_score.reshape(t, -1), aspect="auto", interpolation="nearest", cmap="magma")
-        axs[0, j].set_title(f"{_short(k[5:])}: {dec.mask.mean():.0%} kept", fontsize=8)
+        decoder = load_decoder(decoder_path(artifact_in(subj, "decoders"), k), "cpu")
+        t = int(tokens) if tokens else (50 if decoder.width % 50 == 0 else 1)
+        axs[0, j].imshow(decoder.mask.reshape(t, -1), aspect="auto", interpolation="nearest", cmap="Greys")
+        im = axs[1, j].imshow(decoder.cv_score.reshape(t, -1), aspect="auto", interpolation="nearest", cmap="magma")
+        axs[0, j].set_title(f"{_short(k[5:])}: {decoder.mask.mean():.0%} kept", fontsize=8)
         axs[1, j].set_xlabel("channel"); fig.colorbar(im, ax=axs[1, j], fraction=.05)
     axs[0, 0].set_ylabel("token (kept)"); axs[1, 0].set_ylabel("token (CV r)")
     fig.tight_layout()

@@ -6,8 +6,8 @@
 __all__ = ['FINALS', 'OPTIMISED', 'AUTOCASTS', 'STAGE2_CFG', 'HISTORY', 'RESULT_FREE', 'SYNTHETIC_RUN', 'Stage2Config',
            'layer_weights', 'Stage2Loss', 'stage2_loss', 'make_optimiser', 'optimiser_step', 'iteration_noise',
            'stage2_forward', 'save_png', 'check_settings', 'write_state', 'read_state', 'ImageRun', 'parse_shard',
-           'select_rows', 'check_decoded', 'read_rows', 'pending', 'optimise_batch', 'run_images', 'show_run',
-           'reconstruct', 'run_size']
+           'select_rows', 'check_decoded', 'read_rows', 'plant_targets', 'pending', 'optimise_batch', 'run_images',
+           'show_run', 'reconstruct', 'run_size']
 
 # %% ../nbs/04_stage2.ipynb #9aa90b26
 import hashlib
@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .artifacts import artifact_in, atomic_write, save_json, settings_diff
-from .features import FEATURE_CFG, clip_features, row_seeds
+from .features import FEATURE_CFG, clip_features, images_to_tensor, row_seeds, vae_latents
 from .models import Components, load_models
 from .stage1 import STAGE1, Stage1Config, ddim_img2img, decode_latents, stage1_settings, stage_inputs, uncond_embedding
 
@@ -344,6 +344,23 @@ def read_rows(
     sha = [hashlib.sha256(b"".join(np.ascontiguousarray(v[i]).tobytes() for v in arr.values())).hexdigest() for i in range(len(rows))]
     t = {k: torch.from_numpy(v) for k, v in arr.items()}
     return dict(c=t["c"], z=t["z"], targets={k: t[f"clip/{k}"] for k in layers} | {"embed": t["clip/embed"]}, sha256=sha)
+
+# %% ../nbs/04_stage2.ipynb #2e6ef553
+def plant_targets(
+    path,  # a decoded.h5, e.g. from chapter 03's `write_fake_decoded`
+    m:Components,  # the networks of its layout
+    targets:np.ndarray,  # uint8 (n, H, W, 3): stimuli whose CLIP features become the targets
+    starts:np.ndarray|None=None,  # uint8 (n, H, W, 3): stimuli whose VAE latents (posterior mean) become z; None: z kept
+    side:int|None=None,  # side the starts are encoded at; None: their own
+) -> Path:
+    "Planted structure for stage 2: the true (masked) CLIP features of `targets` and the latents of `starts`."
+    with h5py.File(path, "a") as f, torch.no_grad():
+        for k, v in clip_features(m.clip_visual, images_to_tensor(targets).to(m.device)).items():
+            mask = 1 if k == "embed" else torch.from_numpy(f[f"clip_mask/{k}"][:]).to(v.device)
+            f[f"clip/{k}"][...] = (v * mask).float().cpu().numpy()
+        if starts is not None:
+            f["z"][...] = vae_latents(m.vae, images_to_tensor(starts, side).to(m.device), posterior="mean").float().cpu().numpy()
+    return Path(path)
 
 # %% ../nbs/04_stage2.ipynb #eead9586
 def pending(

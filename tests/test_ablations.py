@@ -6,13 +6,12 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from minddiffuser.ablations import ABL_CFG, run_ablations
-from minddiffuser.features import clip_features, images_to_tensor
 from minddiffuser.models import load_models
 from minddiffuser.nsd_data import read_expdesign, read_images, subject_dir
 from minddiffuser.stage1 import write_fake_decoded
+from minddiffuser.stage2 import plant_targets
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
 
@@ -25,13 +24,9 @@ def m():
 def make_decoded(out_dir, m, root, n=2, size=8):
     "A decoded.h5 for the first test images of the synthetic tree: their own CLIP features as targets, a c accuracy."
     ids = np.sort(read_expdesign(root)["sharedix"] - 1)[:n]
-    path = write_fake_decoded(subject_dir(out_dir, 1) / "decoded.h5", m, ids, latent_size=size)
-    with h5py.File(path, "a") as f, torch.no_grad():
-        feats = clip_features(m.clip_visual, images_to_tensor(read_images(root, ids, size=8 * size)))
-        for k, v in feats.items():
-            if k == "embed": f["clip/embed"][...] = v.numpy()
-            else: f[f"clip/{k}"][...] = (v * torch.from_numpy(f[f"clip_mask/{k}"][:])).numpy()
-        f["accuracy/c/per_image"] = np.linspace(0.5, 0.1, n)
+    path = plant_targets(write_fake_decoded(subject_dir(out_dir, 1) / "decoded.h5", m, ids, latent_size=size), m,
+                         read_images(root, ids, size=8 * size))
+    with h5py.File(path, "a") as f: f["accuracy/c/per_image"] = np.linspace(0.5, 0.1, n)
     return path, ids
 
 

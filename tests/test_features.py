@@ -12,7 +12,7 @@ from minddiffuser.features import FEATURE_CFG, FeatureConfig, extract_features, 
 from minddiffuser.models import load_models
 from minddiffuser.nsd_data import read_captions, read_images
 
-SMALL = FeatureConfig(vae_size=64)   # 4x8x8 latents keep these tests fast; the notebook's run uses 512
+FEATURES_64 = FeatureConfig(vae_size=64)   # 4x8x8 latents keep these tests fast; the notebook's run uses 512
 
 
 def fake_fmri(root, out, subject=1, n_train=10, n_test=4, data_root=None):
@@ -67,7 +67,7 @@ def test_papermill_features_aligned_with_fmri(synth_root, tmp_path):
 def test_resume_after_interruption_equals_uninterrupted(synth_root, tmp_path, monkeypatch):
     a, b = tmp_path/"a", tmp_path/"b"
     fake_fmri(synth_root, a); fake_fmri(synth_root, b)
-    kw = dict(subject=1, data_root=synth_root, batch_size=3, cfg=SMALL)
+    kw = dict(subject=1, data_root=synth_root, batch_size=3, cfg=FEATURES_64)
     ref = extract_features(out_dir=a, **kw)
     calls = []
     def flaky(root, ids):
@@ -95,19 +95,19 @@ def test_resume_after_interruption_equals_uninterrupted(synth_root, tmp_path, mo
 
 def test_missing_and_mismatched_inputs(synth_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="00_nsd_data"):
-        extract_features(1, data_root=synth_root, out_dir=tmp_path/"empty", cfg=SMALL)
+        extract_features(1, data_root=synth_root, out_dir=tmp_path/"empty", cfg=FEATURES_64)
     fake_fmri(synth_root, tmp_path/"other", data_root=tmp_path)
     with pytest.raises(ValueError, match="was built from"):
-        extract_features(1, data_root=synth_root, out_dir=tmp_path/"other", cfg=SMALL)
+        extract_features(1, data_root=synth_root, out_dir=tmp_path/"other", cfg=FEATURES_64)
     fake_fmri(synth_root, tmp_path/"ok")
-    extract_features(1, data_root=synth_root, out_dir=tmp_path/"ok", cfg=SMALL)
+    extract_features(1, data_root=synth_root, out_dir=tmp_path/"ok", cfg=FEATURES_64)
     with pytest.raises(ValueError, match="run_seed=0 \\(now 3\\)"):
-        extract_features(1, data_root=synth_root, out_dir=tmp_path/"ok", cfg=SMALL, seed=3)
+        extract_features(1, data_root=synth_root, out_dir=tmp_path/"ok", cfg=FEATURES_64, seed=3)
     part = tmp_path/"ok/subj01/features.h5.partial"
     part.write_bytes(b"not an hdf5 file")
     (tmp_path/"ok/subj01/features.h5").unlink()
     with pytest.raises(ValueError, match="cannot be read"):
-        extract_features(1, data_root=synth_root, out_dir=tmp_path/"ok", cfg=SMALL)
-    assert extract_features(1, data_root=synth_root, out_dir=tmp_path/"ok", cfg=SMALL, overwrite=True).exists()
+        extract_features(1, data_root=synth_root, out_dir=tmp_path/"ok", cfg=FEATURES_64)
+    assert extract_features(1, data_root=synth_root, out_dir=tmp_path/"ok", cfg=FEATURES_64, overwrite=True).exists()
     with pytest.raises(ValueError, match="batch_size=0"):
-        extract_features(1, data_root=synth_root, out_dir=tmp_path/"ok", cfg=SMALL, batch_size=0, overwrite=True)
+        extract_features(1, data_root=synth_root, out_dir=tmp_path/"ok", cfg=FEATURES_64, batch_size=0, overwrite=True)

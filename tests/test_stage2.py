@@ -10,13 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minddiffuser.features import clip_features, images_to_tensor, vae_latents
 from minddiffuser.models import load_models
 from minddiffuser.nsd_data import random_scene, render_scene, subject_dir
 from PIL import Image
 
 from minddiffuser.stage1 import STAGE1_SMALL, run_stage1, write_fake_decoded
-from minddiffuser.stage2 import SYNTHETIC_RUN, Stage2Config, reconstruct, run_images, select_rows
+from minddiffuser.stage2 import SYNTHETIC_RUN, Stage2Config, plant_targets, reconstruct, run_images, select_rows
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
 SMALL = STAGE1_SMALL  # the authors' proportions on a 10-step schedule
@@ -31,14 +30,8 @@ def make_decoded(out_dir, m, ids, size=16, seed=0):
     "A decoded.h5 whose CLIP targets are the real (masked) features of synthetic stimuli and whose z are others' latents."
     n = len(ids)
     stim = np.stack([render_scene(random_scene(np.random.default_rng(seed + i)), 8 * size) for i in range(2 * n)])
-    path = write_fake_decoded(subject_dir(out_dir, 1) / "decoded.h5", m, ids, latent_size=size, seed=seed)
-    with h5py.File(path, "a") as f, torch.no_grad():
-        feats = clip_features(m.clip_visual, images_to_tensor(stim[:n]))
-        for k, v in feats.items():
-            if k == "embed": f["clip/embed"][...] = v.numpy()
-            else: f[f"clip/{k}"][...] = (v * torch.from_numpy(f[f"clip_mask/{k}"][:])).numpy()
-        f["z"][...] = vae_latents(m.vae, images_to_tensor(stim[n:]), posterior="mean").numpy()
-    return path
+    return plant_targets(write_fake_decoded(subject_dir(out_dir, 1) / "decoded.h5", m, ids, latent_size=size, seed=seed),
+                         m, stim[:n], stim[n:])
 
 
 def record(folder):
