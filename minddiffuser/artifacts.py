@@ -120,7 +120,7 @@ def require(out_dir, # artifacts folder
 
 # %% ../nbs/00b_artifacts.ipynb #0b6c8a65
 @contextmanager
-def atomic_write(path # the file (or folder) to write
+def atomic_write(path # the file to write
                 ):
     "A temporary path beside `path`: it replaces `path` in one step if the block ends without error, else is removed."
     path = Path(path); tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")

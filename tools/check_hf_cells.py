@@ -120,6 +120,7 @@ def main(argv=None):
         ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD = 64 KiB
     import configparser
     import torch
+    from minddiffuser.artifacts import save_json
     from minddiffuser.models import write_full_size_twins
     cfg = configparser.ConfigParser(); cfg.read(ROOT / "settings.ini")
     skip = set(cfg["DEFAULT"].get("tst_flags", "").split())
@@ -134,7 +135,7 @@ def main(argv=None):
     rec = dict(device=device, cpu_threads=torch.get_num_threads(), machine=platform.machine(), torch=torch.__version__,
                twins=dict(models=Path(sd).name, clip_model=Path(clip).name),
                cells=sorted(kept + records, key=lambda r: (r["notebook"], r["cell"])))
-    tmp = out.with_name(out.name + ".part"); tmp.write_text(json.dumps(rec, indent=1) + "\n"); tmp.replace(out)
+    save_json(out, rec)
     print(f"record: {out}")
     return 1 if any(r["status"] == "failed" for r in records) else 0
 
