@@ -28,7 +28,8 @@ from .models import Components, load_models
 from .nsd_data import is_synthetic, read_images, resolve_data_root
 from .stage1 import STAGE1, STAGE1_SMALL, Stage1Config, _provenance, decode_latents, stage1_settings
 from .stage1 import stage_inputs, uncond_embedding
-from .stage2 import STAGE2_CFG, Stage2Config, run_images, select_rows
+from .runner import run_images, select_rows
+from .stage2 import STAGE2_CFG, Stage2Config
 
 # %% ../nbs/06_ablations.ipynb #453c3b54
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class Ablation:
     "One configuration: where `c` and `z` start and how the stages run, as settings of chapters 03 and 04."
     what: str  # one line: what it changes against the full model
     c: str = "decoded"  # start of c: "decoded", or "empty" (the empty prompt's embedding, as uc)
-    z: str = "decoded"  # start of z: "decoded", "random" (N(0, z_std^2 I), scaled space) or "roundtrip" (VAE decode, encode)
+    z: str = "decoded"  # start of z: "decoded", "random" (N(0, z_std^2 I), scaled space) or "roundtrip"
+                        # (VAE decode, encode)
     stage2: bool = True  # False: stage 1 alone (stage 2's iteration 0, without gradient)
     cfg: dict = field(default_factory=dict)  # overrides of `Stage2Config` (optimise, gradient, grad_last_k, autocast)
     iters: float = 1.0  # share of the full model's iterations it runs
@@ -53,19 +55,23 @@ def _configs() -> dict:
                                 paper="MindDiffuser, without control"),
         "without_z": Ablation("decoded c, z drawn from N(0, I) in the scaled latent space; stage 2 as the full model",
                               z="random", paper="MindDiffuser, without z"),
-        "without_c_stage1": Ablation("the empty prompt's embedding as c, decoded z; stage 1 alone", c="empty", stage2=False),
+        "without_c_stage1": Ablation("the empty prompt's embedding as c, decoded z; stage 1 alone", c="empty",
+                                     stage2=False),
         "without_c": Ablation("the empty prompt's embedding as c, decoded z; stage 2 as the full model", c="empty"),
         "z_only": Ablation("stage 2 optimises z alone; c stays the decoded c (the authors' later script)",
                            cfg=dict(optimise="z")),
-        "resample_only": Ablation("stage 2's iterations with fresh noise and no gradient step; final image chosen alike",
-                                  cfg=dict(gradient=False)),
+        "resample_only": Ablation("stage 2's iterations with fresh noise and no gradient step; "
+                                  "final image chosen alike", cfg=dict(gradient=False)),
         "takagi": Ablation("the authors' Takagi re-run (spec 9.2): z through a VAE decode/encode round trip, seed 816, "
-                           "stage 1 alone", z="roundtrip", stage2=False, seed=816, paper="Takagi (reproduced by the authors)"),
+                           "stage 1 alone", z="roundtrip", stage2=False, seed=816,
+                           paper="Takagi (reproduced by the authors)"),
         "last_k": Ablation("stage 2 back-propagating through the last 5 denoising steps only", cfg=dict(grad_last_k=5)),
-        "fewer_iters": Ablation("stage 2 stopped after 180/300 of the iterations (the paper's Fig. 6)", iters=180 / 300),
+        "fewer_iters": Ablation("stage 2 stopped after 180/300 of the iterations (the paper's Fig. 6)",
+                                iters=180 / 300),
         "bf16": Ablation("stage 2 under bf16 autocast (where the device supports it)", cfg=dict(autocast="bf16")),
     }
 
+# %% ../nbs/06_ablations.ipynb #f121c8d0
 @dataclass(frozen=True)
 class AblationConfig:
     "Every number of the chapter: the configurations, the random z, the demo's size and sampler, the figures."
@@ -113,7 +119,8 @@ def start_values(
 ) -> tuple:  # (c, z) float32, on the CPU
     "The starting c and z a configuration gives these rows."
     if ab.c == "empty":
-        c = uncond_embedding(m.tokenizer, m.text_encoder, c.shape[1]).detach().float().cpu().expand(len(c), -1, -1).clone()
+        c = (uncond_embedding(m.tokenizer, m.text_encoder, c.shape[1])
+             .detach().float().cpu().expand(len(c), -1, -1).clone())
     if ab.z == "random":
         z = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(s))
                          for s in row_seeds(cfg.z_seed, ids)]) * cfg.z_std
@@ -123,6 +130,7 @@ def start_values(
             z = vae_latents(m.vae, img, row_seeds(cfg.roundtrip_seed, ids), posterior="sample").float().cpu()
     return c.float(), z.float()
 
+# %% ../nbs/06_ablations.ipynb #1da8ef68
 def derive_decoded(
     src:Path,  # the subject's decoded.h5
     folder:Path,  # the configuration's folder
@@ -133,12 +141,14 @@ def derive_decoded(
 ) -> Path:  # the derived file
     "A decoded.h5 of `rows` with the configuration's c and z, its CLIP targets linked to the subject's."
     rows = np.asarray(rows, np.int64)
-    if len(rows) == 0 or (np.diff(rows) != 1).any(): raise ValueError(f"rows must be contiguous and not empty, got {rows[:5]}...")
+    if len(rows) == 0 or (np.diff(rows) != 1).any():
+        raise ValueError(f"rows must be contiguous and not empty, got {rows[:5]}...")
     path = Path(folder) / f"decoded_rows{rows[0]}-{rows[-1]}.h5"
-    made_by = json.dumps(dict(ablation=asdict(ab), z_seed=cfg.z_seed, z_std=cfg.z_std, roundtrip_seed=cfg.roundtrip_seed))
+    made_by = json.dumps(dict(ablation=asdict(ab), z_seed=cfg.z_seed, z_std=cfg.z_std,
+                              roundtrip_seed=cfg.roundtrip_seed))
     if path.exists():
         with h5py.File(path, "r") as f:
-            if f.attrs.get("made_by") == made_by: return path  # else remade: chapter 04 then refuses images of the old start
+            if f.attrs.get("made_by") == made_by: return path  # else remade: chapter 04 refuses images of the old start
     src = Path(src).resolve(); path.parent.mkdir(parents=True, exist_ok=True)
     sl = slice(int(rows[0]), int(rows[-1]) + 1)
     with h5py.File(src, "r") as f:
@@ -179,8 +189,10 @@ def run_config(
     s2 = stage2_config(ab, n_iters, base)
     if (ab.c, ab.z) == ("decoded", "decoded"): path, sel = Path(dec), rows
     else: path, sel = derive_decoded(dec, folder, ab, rows, m, cfg), None
-    return run_images(m, path, folder, sel, s2, s1, batch_size, ab.seed if ab.seed is not None else seed,
-                      (settings or {}) | dict(ablation=name, start=dict(c=ab.c, z=ab.z)), callback, progress)
+    return run_images(m, path, folder, sel, s2, s1, batch_size=batch_size,
+                      seed=ab.seed if ab.seed is not None else seed,
+                      settings=(settings or {}) | dict(ablation=name, start=dict(c=ab.c, z=ab.z)), callback=callback,
+                      progress=progress)
 
 # %% ../nbs/06_ablations.ipynb #0c75aad1
 def score_configs(
@@ -198,7 +210,8 @@ def score_configs(
     sets = {k: open_recon(k, v, test_ids) for k, v in folders.items()}
     ids = np.unique(np.concatenate([s.ids for s in sets.values()]))
     gt = extract(stimuli_of, ids, nets, names, cfg=cfg, progress=progress, desc="stimuli")
-    sc = {k: extract(s.read, s.ids, nets, names, stimuli_of, cfg=cfg, progress=progress, desc=k) for k, s in sets.items()}
+    sc = {k: extract(s.read, s.ids, nets, names, stimuli_of, cfg=cfg, progress=progress, desc=k)
+          for k, s in sets.items()}
     scopes = {"all": ids} | ({"subset": np.intersect1d(ids, subset)} if subset is not None else {})
     tables, summary = [], dict(metrics=list(names), sets={}, paired={})
     for scope, keep in scopes.items():
@@ -212,6 +225,7 @@ def score_configs(
     table = pd.concat(tables, ignore_index=True)
     return table[["scope", "config", "nsd_id", *names]], summary
 
+# %% ../nbs/06_ablations.ipynb #9f75bf8a
 def seconds_per_image(
     folder:Path,  # a configuration's folder
 ) -> float|None:  # mean over its finished images
@@ -228,6 +242,7 @@ CLAIMS = {  # configuration: the claim "full beats it", and where it comes from
     "resample_only": "the gradient beats resampling the noise as often (not in the paper)",
 }
 
+# %% ../nbs/06_ablations.ipynb #d272687b
 def table2(
     summary:dict,  # from `score_configs`, with "seconds" {name: s per image} added
     scope:str="all",  # "all" or "subset"
@@ -245,10 +260,12 @@ def table2(
             row |= {f"d_{mt}": d and d["mean"], f"d_{mt}_lo": d and d["lo"], f"d_{mt}_hi": d and d["hi"]}
         rows[k] = row | dict(seconds_per_image=summary.get("seconds", {}).get(k))
     t = pd.DataFrame(rows).T
-    t["time_vs_full"] = [None if s is None or t.loc["full", "seconds_per_image"] in (None, 0) else s / t.loc["full", "seconds_per_image"]
+    t["time_vs_full"] = [None if s is None or t.loc["full", "seconds_per_image"] in (None, 0)
+                         else s / t.loc["full", "seconds_per_image"]
                          for s in t["seconds_per_image"]] if "full" in t.index else None
     return t
 
+# %% ../nbs/06_ablations.ipynb #8232656d
 def verdict(
     d:dict|None,  # a paired difference (config - full): mean, lo, hi, n
 ) -> str:
@@ -256,6 +273,7 @@ def verdict(
     if not d or d["lo"] is None: return "undecided"
     return "holds" if d["hi"] < 0 else "contradicted" if d["lo"] > 0 else "undecided"
 
+# %% ../nbs/06_ablations.ipynb #da5c9fb6
 def claims(
     summary:dict,  # from `score_configs`
     scope:str="all",  # which images
@@ -266,7 +284,8 @@ def claims(
     for k, claim in CLAIMS.items():
         p = summary["paired"].get(k, {}).get(scope)
         if p is None: continue
-        v = {mt: verdict(d) for mt, d in p.items() if mt in ("clip_b32", "ssim", "pixcorr") or mt in ("clip", "alexnet2")}
+        v = {mt: verdict(d) for mt, d in p.items()
+             if mt in ("clip_b32", "ssim", "pixcorr") or mt in ("clip", "alexnet2")}
         got = set(v.values())
         overall = ("mixed" if {"holds", "contradicted"} <= got else "holds" if got == {"holds"} else
                    "contradicted" if got == {"contradicted"} else "partly holds" if "holds" in got else
@@ -284,7 +303,8 @@ def plot_trajectories(
 ):
     "Fig. 6: per image and configuration, the stimulus, the image every few iterations and the final image."
     import matplotlib.pyplot as plt
-    rows = [(k, int(i), s) for i, s in zip(ids, stimuli) for k in folders if (Path(folders[k]) / str(int(i)) / "record.json").exists()]
+    rows = [(k, int(i), s) for i, s in zip(ids, stimuli) for k in folders
+            if (Path(folders[k]) / str(int(i)) / "record.json").exists()]
     recs = {(k, i): json.loads((Path(folders[k]) / str(i) / "record.json").read_text()) for k, i, _ in rows}
     its = {key: sorted(int(x) for x in r["images"]) for key, r in recs.items()}
     its = {key: v[:: max(1, -(-len(v) // max_frames))] for key, v in its.items()}
@@ -299,6 +319,7 @@ def plot_trajectories(
     fig.tight_layout()
     return fig
 
+# %% ../nbs/06_ablations.ipynb #1c75347c
 def plot_tradeoffs(
     t2:pd.DataFrame,  # from `table2`
     metrics,  # metric names
@@ -312,7 +333,8 @@ def plot_tradeoffs(
         for k, r in t.iterrows():
             if pd.isna(r[f"d_{mt}"]) or pd.isna(r["time_vs_full"]): continue
             lo, hi = (r[f"d_{mt}_lo"], r[f"d_{mt}_hi"]) if pd.notna(r[f"d_{mt}_lo"]) else (r[f"d_{mt}"],) * 2
-            ax.errorbar([r["time_vs_full"]], [r[f"d_{mt}"]], yerr=[[r[f"d_{mt}"] - lo], [hi - r[f"d_{mt}"]]], fmt="o", ms=4, capsize=2)
+            ax.errorbar([r["time_vs_full"]], [r[f"d_{mt}"]], yerr=[[r[f"d_{mt}"] - lo], [hi - r[f"d_{mt}"]]],
+                        fmt="o", ms=4, capsize=2)
             ax.annotate(k, (r["time_vs_full"], r[f"d_{mt}"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, c="k", lw=0.5); ax.axvline(1, c="k", lw=0.5, ls=":")
         ax.set(xlabel="time per image / full's", ylabel=f"{mt}: config - full", title=mt)
@@ -328,6 +350,7 @@ def _demo_size(n_iters, max_images, synthetic:bool, cfg:AblationConfig) -> tuple
         print(f"synthetic tree: capped at n_iters={n}, max_images={k} (ABL_CFG.demo) to stay within CI's budget")
     return n, k
 
+# %% ../nbs/06_ablations.ipynb #5953cb67
 def run_ablations(
     subject:int=1,  # NSD subject
     data_root=None,  # NSD root (see `resolve_data_root`)
@@ -351,7 +374,8 @@ def run_ablations(
     dec, synthetic, models, clip_model, src = stage_inputs(out_dir, subject, data_root, models, clip_model, allow_mix)
     n_iters, max_images = _demo_size(n_iters, max_images, synthetic, cfg)
     s1 = cfg.demo_sampler if synthetic else stage1_settings(out_dir, subject)
-    base = replace(STAGE2_CFG, final=final, save_every=cfg.demo_save_every if synthetic else STAGE2_CFG.save_every).check()
+    base = replace(STAGE2_CFG, final=final,
+                   save_every=cfg.demo_save_every if synthetic else STAGE2_CFG.save_every).check()
     with h5py.File(dec, "r") as f: rows = select_rows(len(f["nsd_id"]), max_images, shard)
     m = load_models(models, clip_model, device=device, seed=src.get("weights_seed", 0))
     if m.device.type == "cuda" and not torch.cuda.is_bf16_supported() and "bf16" in names:
@@ -359,8 +383,8 @@ def run_ablations(
     out, done = artifact_in(dec.parent, "ablations"), {}
     for k in names:
         t0 = time.time()
-        done[k] = run_config(k, m, dec, out, rows, n_iters, base, s1, batch_size, seed,
-                             dict(subject=int(subject), synthetic=bool(synthetic)), cfg, progress=progress)
+        done[k] = run_config(k, m, dec, out, rows, n_iters, base, s1, batch_size=batch_size, seed=seed,
+                             settings=dict(subject=int(subject), synthetic=bool(synthetic)), cfg=cfg, progress=progress)
         print(f"{k}: {len(done[k])} images in {time.time() - t0:.1f} s")
     return done
 
@@ -382,23 +406,28 @@ def evaluate_ablations(
     t0, names = time.time(), suite_metrics(metrics)
     dec = require(out_dir, subject, "decoded"); abl = artifact_in(dec.parent, "ablations")
     folders = {k: abl / k for k in cfg.configs if any((abl / k).glob("*/final.png"))}
-    if "full" not in folders: raise FileNotFoundError(f"{abl / 'full'} holds no finished image: run the ablations first "
-                                                      f"(`run_ablations`, or this chapter with configs='full')")
+    if "full" not in folders: raise FileNotFoundError(
+        f"{abl / 'full'} holds no finished image: run the ablations first "
+        f"(`run_ablations`, or this chapter with configs='full')")
     root = resolve_data_root(data_root, out_dir, verbose=False); synthetic = is_synthetic(root)
     metric_nets, clip_model = _nets_for_data(metric_nets, clip_model, synthetic, allow_mix)
-    nets = load_metric_nets(names, metric_nets, "mindeye", clip_model, device, _provenance(dec.parent).get("weights_seed", 0), eval_cfg)
+    nets = load_metric_nets(names, metric_nets, "mindeye", clip_model, device,
+                            _provenance(dec.parent).get("weights_seed", 0), eval_cfg)
     acc = c_accuracy(dec)
     full_ids = open_recon("full", folders["full"], acc.index).ids
     cache = dict(zip(map(int, full_ids), read_images(root, full_ids)))
     stim_of = lambda b: np.stack([cache[int(i)] if int(i) in cache else read_images(root, [i])[0] for i in b])
-    table, summary = score_configs(folders, full_ids, stim_of, nets, names, paper_subset(acc, eval_cfg.subset_min_r), eval_cfg, progress)
+    table, summary = score_configs(folders, full_ids, stim_of, nets, names, paper_subset(acc, eval_cfg.subset_min_r),
+                                   eval_cfg, progress)
     summary |= dict(subject=int(subject), data="synthetic NSD" if synthetic else "NSD", metric_nets=metric_nets,
                     clip_model=clip_model, n_images=len(full_ids), configs={k: asdict(cfg.configs[k]) for k in folders},
                     seconds={k: seconds_per_image(f) for k, f in folders.items()})
     notes = (["Synthetic NSD with random-weight twins: the images are coloured noise and the metrics score image "
-              "statistics, so no claim can be judged here; the verdicts below only show the machinery."] if synthetic else [])
+              "statistics, so no claim can be judged here; the verdicts below only show the machinery."]
+             if synthetic else [])
     if len(full_ids) < 2: notes.append(f"{len(full_ids)} image: no interval, so every verdict is undecided.")
-    summary["claims"] = {s: claims(summary, s, tuple(notes)) for s in ("all", "subset") if any(s in v for v in summary["paired"].values())}
+    summary["claims"] = {s: claims(summary, s, tuple(notes)) for s in ("all", "subset")
+                         if any(s in v for v in summary["paired"].values())}
     out = abl / "eval"; out.mkdir(exist_ok=True)
     t2 = {s: table2(summary, s) for s in ("all", "subset")}
     for s, t in t2.items():
@@ -411,8 +440,10 @@ def evaluate_ablations(
                 trajectories=plot_trajectories({k: folders[k] for k in cfg.trajectories if k in folders},
                                                full_ids[: cfg.n_trajectories], stim_of(full_ids[: cfg.n_trajectories])),
                 tradeoffs=plot_tradeoffs(t2["all"], names))
-    for k, fig in figs.items(): _save(out / f"{k}.png", lambda p, fig=fig: fig.savefig(p, dpi=100, format="png", bbox_inches="tight"))
+    for k, fig in figs.items():
+        _save(out / f"{k}.png", lambda p, fig=fig: fig.savefig(p, dpi=100, format="png", bbox_inches="tight"))
     return summary
 
+# %% ../nbs/06_ablations.ipynb #4ab7f4eb
 def _save(path:Path, write):
     with atomic_write(path) as tmp: write(tmp)

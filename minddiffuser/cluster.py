@@ -25,10 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import artifact_in, require, save_json, subject_name
+from .decoders import decode_subject
 from .models import load_models
-from .ridge import RidgeConfig, decode_subject, ridge_config
+from .ridge import RidgeConfig, ridge_config
+from .runner import reconstruct, run_images, run_size, select_rows
 from .stage1 import stage1_settings, stage_inputs
-from .stage2 import STAGE2_CFG, Stage2Config, reconstruct, run_images, run_size, select_rows
+from .stage2 import STAGE2_CFG, Stage2Config
 
 # %% ../nbs/04b_cluster.ipynb #00247450
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ def _finished(folder:Path, n_iters:int) -> bool:
     r = json.loads(p.read_text())
     return r["status"] == "done" and r["iterations"] == n_iters
 
+# %% ../nbs/04b_cluster.ipynb #7a802c01
 def shard_status(
     subject:int,  # NSD subject
     out_dir,  # artifacts folder
@@ -134,7 +137,8 @@ def shard_status(
     for i in range(int(n_shards)):
         rows = [int(ids[r]) for r in select_rows(len(ids), max_images, f"{i}/{n_shards}")]
         status.append(dict(shard=f"{i}/{n_shards}", nsd_id=rows,
-                           unfinished=[r for r in rows if not _finished(artifact_in(dec.parent, "stage2") / str(r), n_iters)]))
+                           unfinished=[r for r in rows
+                                       if not _finished(artifact_in(dec.parent, "stage2") / str(r), n_iters)]))
     return status
 
 # %% ../nbs/04b_cluster.ipynb #e86c22b5
@@ -186,6 +190,7 @@ def queued(
     live = set(r.stdout.split())
     return [j for j in jobs if j.job_id in live]
 
+# %% ../nbs/04b_cluster.ipynb #014ba168
 def failed(jobs:list) -> list:
     "(job, error) for the jobs that ended in a Python exception (a killed job wrote nothing and is not listed)."
     out = []
@@ -195,6 +200,7 @@ def failed(jobs:list) -> list:
         except Exception as e: out.append((j, e))
     return out
 
+# %% ../nbs/04b_cluster.ipynb #c4ac6aa1
 def wait(
     jobs:list,  # submitit jobs
     kind:str,  # their executor
@@ -294,6 +300,7 @@ def _ridge_job(kw:dict, cpus:int) -> str:
     torch.set_num_threads(_threads(cpus))
     return str(decode_subject(**kw, n_workers=_threads(cpus), progress=False))
 
+# %% ../nbs/04b_cluster.ipynb #c754ad1b
 def submit_ridge(
     subject:int=1,  # NSD subject
     out_dir="runs",  # artifacts folder: reads subjNN/fmri.h5 and features.h5, writes decoders/ and decoded.h5
@@ -325,6 +332,7 @@ def _resource_args(p, res:Resources):
     p.add_argument("--max-resubmits", type=int, default=CLUSTER_CFG.max_resubmits,
                    help="times unfinished jobs are sent again")
 
+# %% ../nbs/04b_cluster.ipynb #c45b8f65
 def _resources(a) -> Resources:
     return Resources(gpus=a.gpus, cpus=a.cpus, mem_gb=a.mem, hours=a.hours, partition=a.partition).check()
 

@@ -4,8 +4,7 @@
 
 # %% auto #0
 __all__ = ['STAGE1', 'STAGE1_CONSISTENT', 'STAGE1_SMALL', 'Stage1Config', 'stage1_timesteps', 'uncond_embedding', 'Stage1Output',
-           'ddim_img2img', 'decode_latents', 'write_fake_decoded', 'stage_inputs', 'to_uint8', 'run_stage1',
-           'stage1_settings']
+           'ddim_img2img', 'decode_latents', 'stage_inputs', 'to_uint8', 'run_stage1', 'stage1_settings']
 
 # %% ../nbs/03_stage1.ipynb #25bddb4c
 import hashlib
@@ -26,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .artifacts import artifact_in, artifact_path, atomic_write, require, save_json, settings_diff
-from .features import FEATURE_CFG, FeatureConfig, caption_embeddings, row_seeds
-from .models import Components, check_models_for_data, is_world, load_models, resolve_model_ids
+from .features import caption_embeddings, row_seeds
+from .models import check_models_for_data, is_world, load_models, resolve_model_ids
 from .nsd_data import input_data_root, is_synthetic, subject_dir
 
 # %% ../nbs/03_stage1.ipynb #b7f42c33
@@ -55,14 +54,16 @@ class Stage1Config:
 
     def check(self):
         "Raise on settings outside the schedule; return self."
-        if not 0 <= self.t_enc < self.n_steps: raise ValueError(f"t_enc={self.t_enc} must be a DDIM index in 0..{self.n_steps - 1}")
-        if not 1 <= self.t_start <= self.n_steps: raise ValueError(f"t_start={self.t_start} must be a step count in 1..{self.n_steps}")
+        if not 0 <= self.t_enc < self.n_steps:
+            raise ValueError(f"t_enc={self.t_enc} must be a DDIM index in 0..{self.n_steps - 1}")
+        if not 1 <= self.t_start <= self.n_steps:
+            raise ValueError(f"t_start={self.t_start} must be a step count in 1..{self.n_steps}")
         if self.eta < 0: raise ValueError(f"eta={self.eta} must be >= 0")
         return self
 
 STAGE1 = Stage1Config()  # the authors' setting: noise at index 37, denoise from index 34
 STAGE1_CONSISTENT = Stage1Config(t_enc=34)  # the consistent alternative: noise at index 34, denoise from index 34
-STAGE1_SMALL = Stage1Config(n_steps=10, t_enc=7, t_start=7)  # the authors' proportions on 10 steps: lessons, tests, demos
+STAGE1_SMALL = Stage1Config(n_steps=10, t_enc=7, t_start=7)  # the authors' ratios on 10 steps: lessons, tests, demos
 
 # %% ../nbs/03_stage1.ipynb #c4ca62f7
 def stage1_timesteps(
@@ -74,7 +75,7 @@ def stage1_timesteps(
     cfg.check()
     scheduler.set_timesteps(cfg.n_steps, device=device)
     t_noise = int(scheduler.timesteps[cfg.n_steps - 1 - cfg.t_enc])  # asc[t_enc]
-    return t_noise, scheduler.timesteps[cfg.n_steps - cfg.t_start:]  # asc[:t_start] reversed, as diffusers' get_timesteps
+    return t_noise, scheduler.timesteps[cfg.n_steps - cfg.t_start:]  # asc[:t_start] reversed = diffusers' get_timesteps
 
 # %% ../nbs/03_stage1.ipynb #bf5e2bd7
 def uncond_embedding(
@@ -97,26 +98,31 @@ class Stage1Output:
 # %% ../nbs/03_stage1.ipynb #86767b47
 def _check_inputs(unet, c, z, uc, generator, noise, grad_last_k, cfg):
     if c.ndim != 3 or z.ndim != 4 or uc.ndim != 3:
-        raise ValueError(f"expected c (B, L, W), z (B, C, h, w), uc (1, L, W); got {tuple(c.shape)}, {tuple(z.shape)}, {tuple(uc.shape)}")
+        raise ValueError("expected c (B, L, W), z (B, C, h, w), uc (1, L, W); "
+                         f"got {tuple(c.shape)}, {tuple(z.shape)}, {tuple(uc.shape)}")
     if len(c) != len(z): raise ValueError(f"c has {len(c)} rows but z has {len(z)}: pass one embedding per latent")
     if c.shape[-1] != unet.config.cross_attention_dim:
-        raise ValueError(f"c has width {c.shape[-1]} but the U-Net cross-attends to width {unet.config.cross_attention_dim}: "
-                         f"c and the models must come from the same Stable Diffusion")
+        raise ValueError(f"c has width {c.shape[-1]} but the U-Net cross-attends to width "
+                         f"{unet.config.cross_attention_dim}: c and the models must come from the same "
+                         f"Stable Diffusion")
     if z.shape[1] != unet.config.in_channels:
         raise ValueError(f"z has {z.shape[1]} channels but the U-Net takes {unet.config.in_channels}")
     if uc.shape[0] not in (1, len(c)) or uc.shape[1:] != c.shape[1:]:
         raise ValueError(f"uc {tuple(uc.shape)} must be (1, L, W) or (B, L, W) with c's (L, W) = {tuple(c.shape[1:])}")
     if noise is not None and generator is not None: raise ValueError("pass either generator or noise, not both")
-    if noise is not None and noise.shape != z.shape: raise ValueError(f"noise {tuple(noise.shape)} must have z's shape {tuple(z.shape)}")
+    if noise is not None and noise.shape != z.shape:
+        raise ValueError(f"noise {tuple(noise.shape)} must have z's shape {tuple(z.shape)}")
     if isinstance(generator, list) and len(generator) != len(z):
         raise ValueError(f"{len(generator)} generators for {len(z)} images: pass one per image (or a single one)")
     if grad_last_k is not None and not 1 <= grad_last_k <= cfg.t_start:
         raise ValueError(f"grad_last_k={grad_last_k} must be in 1..t_start={cfg.t_start} (None: all steps)")
 
+# %% ../nbs/03_stage1.ipynb #bca82af5
 def _guided_eps(unet, scheduler, latents, t, emb, guidance, gradient_checkpointing):
     x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
     run = lambda x, emb: unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
-    e = checkpoint(run, x, emb, use_reentrant=False) if gradient_checkpointing and torch.is_grad_enabled() else run(x, emb)
+    e = (checkpoint(run, x, emb, use_reentrant=False) if gradient_checkpointing and torch.is_grad_enabled()
+         else run(x, emb))
     e_u, e_c = e.chunk(2)
     return e_u + guidance * (e_c - e_u)
 
@@ -133,7 +139,7 @@ def ddim_img2img(
     gradient_checkpointing:bool=False,  # recompute each U-Net call in the backward pass to save memory
     grad_last_k:int|None=None,  # back-propagate through the last k denoising steps only (approximation); None: all
 ) -> Stage1Output:
-    "Noise `z` to DDIM index `t_enc` and denoise it from index `t_start − 1` with classifier-free guidance; differentiable."
+    "Noise `z` to DDIM index `t_enc`, denoise from index `t_start − 1` with classifier-free guidance; differentiable."
     cfg.check()
     device, dtype = unet.device, unet.dtype
     c, z, uc = (x.to(device=device, dtype=dtype) for x in (c, z, uc))
@@ -141,7 +147,8 @@ def ddim_img2img(
     # 1. timesteps
     t_noise, timesteps = stage1_timesteps(scheduler, cfg, device)
     # 2. noise z to t_noise
-    noise = randn_tensor(z.shape, generator=generator, device=device, dtype=dtype) if noise is None else noise.to(device, dtype)
+    noise = (randn_tensor(z.shape, generator=generator, device=device, dtype=dtype) if noise is None
+             else noise.to(device, dtype))
     a = scheduler.alphas_cumprod[t_noise].to(device=device, dtype=dtype)
     z_enc = a.sqrt() * z + (1 - a).sqrt() * noise
     # 3. denoise with classifier-free guidance on the batch [uc, c]
@@ -150,7 +157,8 @@ def ddim_img2img(
     latents = z_enc
     for i, t in enumerate(timesteps):
         if i == n_free and i > 0:  # approximate d latents / d z_enc by DDIM's fixed-noise Jacobian
-            s = (scheduler.alphas_cumprod[t] / scheduler.alphas_cumprod[timesteps[0]]).sqrt().to(device=device, dtype=dtype)
+            s = (scheduler.alphas_cumprod[t]
+                 / scheduler.alphas_cumprod[timesteps[0]]).sqrt().to(device=device, dtype=dtype)
             latents = latents.detach() + s * (z_enc - z_enc.detach())
         with torch.no_grad() if i < n_free else nullcontext():
             e = _guided_eps(unet, scheduler, latents, t, emb, cfg.guidance, gradient_checkpointing)
@@ -170,57 +178,36 @@ def decode_latents(
     x = checkpoint(run, x, use_reentrant=False) if gradient_checkpointing and torch.is_grad_enabled() else run(x)
     return ((x + 1) / 2).clamp(0, 1)
 
-# %% ../nbs/03_stage1.ipynb #7f5768ed
-def write_fake_decoded(
-    path,  # the decoded.h5 to write
-    m:Components,  # the models whose sizes the file takes
-    nsd_ids,  # 73k ids of the rows
-    latent_size:int=64,  # side of z (64 for 512-pixel images)
-    seed:int=0,  # seed of the random values
-    cfg:FeatureConfig=FEATURE_CFG,  # chapter 01's layout: tokens of c, CLIP layers
-) -> Path:
-    "A `decoded.h5` in chapter 02's layout holding random `c`, `z` and CLIP features, for tests and demos."
-    rng, n = np.random.default_rng(seed), len(nsd_ids)
-    d = m.clip_tokens * m.clip_width
-    with h5py.File(path, "w") as f:
-        f["nsd_id"] = np.asarray(nsd_ids, np.int64)
-        f["c"] = rng.standard_normal((n, cfg.max_length, m.text_width)).astype(np.float32)
-        f["z"] = rng.standard_normal((n, m.latent_channels, latent_size, latent_size)).astype(np.float32)
-        for name in cfg.clip_layers:
-            mask = rng.random(d) < 0.25
-            f[f"clip_mask/{name}"] = mask
-            f[f"clip/{name}"] = (rng.standard_normal((n, d)) * mask).astype(np.float32)
-        f["clip/embed"] = rng.standard_normal((n, m.clip_embed_dim)).astype(np.float32)
-        f.attrs.update(fake=True, models=m.models, clip_model=m.clip_model, weights_seed=m.seed)
-    return Path(path)
-
 # %% ../nbs/03_stage1.ipynb #729b0623
 def _provenance(subj:Path) -> dict:
     "Which SD models and twin-weight seed made the decoded latents (decoded.h5, else features.h5)."
     for p in (artifact_in(subj, "decoded"), artifact_in(subj, "features")):
         if p.exists():
             with h5py.File(p, "r") as f:
-                if "models" in f.attrs: return dict(models=str(f.attrs["models"]), weights_seed=int(f.attrs.get("weights_seed", 0)),
-                                                    **({"clip_model": str(f.attrs["clip_model"])} if "clip_model" in f.attrs else {}))
+                if "models" in f.attrs:
+                    return dict(models=str(f.attrs["models"]), weights_seed=int(f.attrs.get("weights_seed", 0)),
+                                **({"clip_model": str(f.attrs["clip_model"])} if "clip_model" in f.attrs else {}))
     return {}
 
+# %% ../nbs/03_stage1.ipynb #ed319952
 def stage_inputs(out_dir, # artifacts folder
                  subject:int, # NSD subject
                  data_root=None, # NSD root (see `resolve_data_root`)
-                 models=None, # "tiny", a Stable Diffusion id or folder; None: those that made decoded.h5, else by the data
-                 clip_model=None, # "tiny", an open_clip id or checkpoint; None: that which made decoded.h5, else by the data
+                 models=None, # "tiny", an SD id or folder; None: those that made decoded.h5, else by the data
+                 clip_model=None, # "tiny", an open_clip id or checkpoint; None: what made decoded.h5, else by the data
                  allow_mix:bool=False # allow tiny models on real data and real models on synthetic data
                 ) -> tuple:
-    "What a reconstruction stage runs on: (decoded.h5, synthetic?, models, clip_model, provenance), checked before any work."
+    "What a reconstruction stage runs on: (decoded.h5, synthetic?, models, clip_model, provenance), checked up front."
     dec = require(out_dir, subject, "decoded")
     synthetic = is_synthetic(input_data_root(data_root, out_dir, subject))
     src = _provenance(dec.parent)  # a stage run alone takes the networks its inputs were made with
     models, clip_model = resolve_model_ids(models or src.get("models"), clip_model or src.get("clip_model"), synthetic)
     check_models_for_data(models, clip_model, synthetic, allow_mix)
-    toy = lambda v: v == "tiny" or is_world(v)  # the twins and the world are networks of their own, never interchangeable
+    toy = lambda v: v == "tiny" or is_world(v)  # twins and the world are networks of their own, never interchangeable
     if any(map(toy, (models, src.get("models", models)))) and src.get("models", models) != models: raise ValueError(
         f"{dec} holds features made with models={src['models']!r}; running with models={models!r} would use other "
-        f"networks (another VAE, another CLIP): pass models={src['models']!r}, or remake features and decoded.h5 with {models!r}.")
+        f"networks (another VAE, another CLIP): pass models={src['models']!r}, or remake features and decoded.h5 "
+        f"with {models!r}.")
     return dec, synthetic, models, clip_model, src
 
 # %% ../nbs/03_stage1.ipynb #79f0a0b9
@@ -231,6 +218,7 @@ def _sha256(path, names=("nsd_id", "c", "z"), rows:int=256) -> str:
             for a in range(0, len(f[k]), rows): h.update(np.ascontiguousarray(f[k][a: a + rows]).tobytes())
     return h.hexdigest()
 
+# %% ../nbs/03_stage1.ipynb #ea4fcadb
 def to_uint8(images:torch.Tensor) -> np.ndarray:
     "(B, 3, H, W) images in [0, 1] as uint8 (B, H, W, 3), rounded as diffusers does."
     return (images.detach().float().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -265,8 +253,9 @@ def run_stage1(
     out, rec = artifact_in(dec.parent, "stage1"), artifact_in(dec.parent, "stage1_settings"); out.mkdir(exist_ok=True)
     settings = dict(models=models, weights_seed=src.get("weights_seed", 0), decoded_sha256=_sha256(dec), **asdict(cfg))
     if rec.exists() and (diff := settings_diff(json.loads(rec.read_text()), settings)):
-        if not overwrite: raise ValueError(f"{out} holds images made with other settings: {', '.join(f'{k}={a!r} (now {b!r})' for k, a, b in diff)}. "
-                                           f"Rerun with the same settings, or pass overwrite=True (or delete the folder) to start again.")
+        if not overwrite: raise ValueError(
+            f"{out} holds images made with other settings: {', '.join(f'{k}={a!r} (now {b!r})' for k, a, b in diff)}. "
+            f"Rerun with the same settings, or pass overwrite=True (or delete the folder) to start again.")
         for p in out.glob("*.png"): p.unlink()
     save_json(rec, settings)
     todo = [k for k, i in enumerate(ids) if not (out / f"{i}.png").exists()]
@@ -279,7 +268,8 @@ def run_stage1(
         for a in range(0, len(todo), int(batch_size)):
             rows = todo[a: a + int(batch_size)]
             gen = [torch.Generator().manual_seed(seeds[int(ids[k])]) for k in rows]
-            lat = ddim_img2img(m.unet, m.scheduler, torch.from_numpy(c_all[rows]), torch.from_numpy(z_all[rows]), uc, cfg, gen).latents
+            lat = ddim_img2img(m.unet, m.scheduler, torch.from_numpy(c_all[rows]), torch.from_numpy(z_all[rows]),
+                               uc, cfg, gen).latents
             for k, im in zip(rows, to_uint8(decode_latents(m.vae, lat))): _save_png(im, out / f"{ids[k]}.png")
             bar.update(len(rows))
     return out

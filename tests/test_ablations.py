@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from minddiffuser.ablations import ABL_CFG, run_ablations
+from minddiffuser.decoders import write_fake_decoded
 from minddiffuser.models import load_models
 from minddiffuser.nsd_data import read_expdesign, read_images, subject_dir
-from minddiffuser.stage1 import write_fake_decoded
-from minddiffuser.stage2 import plant_targets
+from minddiffuser.runner import plant_targets
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
 

@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from minddiffuser.cluster import CLUSTER_CFG, ClusterConfig, Resources, submit_main, submit_ridge, submit_stage2
-from minddiffuser.ridge import decode_subject, write_planted_inputs
-from minddiffuser.stage2 import Stage2Config, reconstruct
+from minddiffuser.decoders import decode_subject, write_planted_inputs
+from minddiffuser.runner import reconstruct
+from minddiffuser.stage2 import Stage2Config
 from slurm import SlurmUnavailable, single_node_slurm
 from test_stage2 import SMALL, make_decoded
 

@@ -26,9 +26,9 @@ from PIL import Image
 from minddiffuser.features import FEATURE_CFG, extract_features
 from minddiffuser.models import write_full_size_twins
 from minddiffuser.nsd_data import build_fmri, resolve_out_dir, write_synthetic_nsd
-from minddiffuser.ridge import decode_subject
+from minddiffuser.decoders import decode_subject
 from minddiffuser.stage1 import run_stage1
-from minddiffuser.stage2 import reconstruct
+from minddiffuser.runner import reconstruct
 
 pytestmark = pytest.mark.skipif(not os.environ.get("MINDDIFFUSER_SLOW"),
                                 reason="slow (full-size networks on the CPU): set MINDDIFFUSER_SLOW=1 to run")

@@ -12,12 +12,13 @@ import papermill as pm
 import pytest
 
 from conftest import NBS
+from minddiffuser.decoders import resolve_inputs, write_fake_decoded
 from minddiffuser.features import extract_features
 from minddiffuser.models import load_models, world_weights
 from minddiffuser.nsd_data import read_expdesign, subject_dir
-from minddiffuser.ridge import PRESETS, RidgeConfig, resolve_inputs, ridge_config
-from minddiffuser.stage1 import run_stage1, stage_inputs, write_fake_decoded
-from minddiffuser.stage2 import reconstruct
+from minddiffuser.ridge import PRESETS, RidgeConfig, ridge_config
+from minddiffuser.runner import reconstruct
+from minddiffuser.stage1 import run_stage1, stage_inputs
 
 CLI = [sys.executable, "-c", "import sys; from minddiffuser.chain import main; sys.exit(main())", "run"]
 

@@ -1,4 +1,4 @@
-"Integration tests of chapter 02 (decoders): equality with fastl2lir, planted structure, CV selection, artifacts, resumption, bad input."
+"Integration tests of chapters 02 and 02a (decoders): equality with fastl2lir, planted structure, CV selection, artifacts, resumption, bad input."
 import contextlib
 import io
 import shutil
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 fastl2lir = pytest.importorskip("fastl2lir")
-from minddiffuser import ridge
-from minddiffuser.ridge import (CVFolds, Design, RidgeConfig, cv_scores, decode_subject, feature_families, fit_l2lir,
-                                load_decoder, decoder_path, top_dims, write_planted_inputs)
+from minddiffuser import decoders
+from minddiffuser.decoders import decode_subject, decoder_path, feature_families, load_decoder, write_planted_inputs
+from minddiffuser.ridge import CVFolds, Design, RidgeConfig, cv_scores, fit_l2lir, top_dims
 
 
 def oracle(X, Y, Xt, alpha, n_feat):
@@ -141,18 +141,18 @@ def test_decoders_match_a_direct_fit(planted):
 def test_resume_after_interruption(tmp_path, monkeypatch):
     sd = write_planted_inputs(tmp_path/"subj01", n_train=200, n_test=30, n_voxels=120, seed=4)
     calls = {"n": 0}
-    real = ridge.fit_l2lir
+    real = decoders.fit_l2lir
     def flaky(*a, **k):
         calls["n"] += 1
         if calls["n"] == 3: raise KeyboardInterrupt("simulated interruption")
         return real(*a, **k)
-    monkeypatch.setattr(ridge, "fit_l2lir", flaky)
+    monkeypatch.setattr(decoders, "fit_l2lir", flaky)
     with pytest.raises(KeyboardInterrupt): decode_subject(tmp_path, 1, device="cpu", families=["z"], block=64, progress=False)
     assert (sd/"decoders"/"z.partial.h5").exists() and not (sd/"decoders"/"z.h5").exists()
     calls["n"] = -100
     decode_subject(tmp_path, 1, device="cpu", families=["z"], block=64, progress=False)
     assert calls["n"] == -100 + 4 - 2                                         # 4 blocks of 64 outputs, 2 already done
-    monkeypatch.setattr(ridge, "fit_l2lir", real)
+    monkeypatch.setattr(decoders, "fit_l2lir", real)
     fresh = tmp_path/"fresh"/"subj01"; fresh.mkdir(parents=True)
     for n in ("fmri.h5", "features.h5"): shutil.copy(sd/n, fresh/n)
     decode_subject(tmp_path/"fresh", 1, device="cpu", families=["z"], block=256, progress=False)

@@ -10,6 +10,7 @@ from PIL import Image
 
 import minddiffuser.stage1 as s1
 from conftest import NBS
+from minddiffuser.decoders import write_fake_decoded
 from minddiffuser.models import load_models
 from minddiffuser.nsd_data import read_expdesign, subject_dir
 
@@ -23,7 +24,7 @@ def tiny():
 
 def _decoded(synth_root, out_dir, m, n=3, latent_size=8):
     ids = np.sort(read_expdesign(synth_root)["sharedix"] - 1)[:n]
-    s1.write_fake_decoded(subject_dir(out_dir, 1)/"decoded.h5", m, ids, latent_size=latent_size)
+    write_fake_decoded(subject_dir(out_dir, 1)/"decoded.h5", m, ids, latent_size=latent_size)
     return ids
 
 

@@ -1,4 +1,4 @@
-"Stage 2 (nbs/04_stage2.ipynb) across runs: the loss falls, batches equal single runs, resumption, shards, papermill."
+"Stage 2 (nbs/04_stage2.ipynb, run by 04a_runner) across runs: the loss falls, batches equal single runs, resumption, shards, papermill."
 import json
 import os
 from dataclasses import replace
@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from minddiffuser.decoders import write_fake_decoded
 from minddiffuser.models import load_models
 from minddiffuser.nsd_data import random_scene, render_scene, subject_dir
 from PIL import Image
 
-from minddiffuser.stage1 import STAGE1_SMALL, run_stage1, write_fake_decoded
-from minddiffuser.stage2 import SYNTHETIC_RUN, Stage2Config, plant_targets, reconstruct, run_images, select_rows
+from minddiffuser.runner import SYNTHETIC_RUN, plant_targets, reconstruct, run_images, select_rows
+from minddiffuser.stage1 import STAGE1_SMALL, run_stage1
+from minddiffuser.stage2 import Stage2Config
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
 SMALL = STAGE1_SMALL  # the authors' proportions on a 10-step schedule
