@@ -18,10 +18,10 @@ from pathlib import Path
 import papermill as pm
 from papermill.exceptions import PapermillExecutionError
 
-from .artifacts import (ARTIFACTS, CHAPTER_NEEDS, artifact_path, make_command, project_root, resolve_out_dir,
-                                    save_json, subject_dir, subject_name)
-from .nsd_data import (SyntheticConfig, configured_data_root, is_synthetic, load_manifest, nsd_path, resolve_data_root,
-                                   synthetic_info, write_synthetic_nsd)
+from .artifacts import (ARTIFACTS, CHAPTER_NEEDS, artifact_path, make_command, project_root,
+                                    resolve_out_dir, save_json, subject_dir, subject_name)
+from .nsd_data import (SyntheticConfig, configured_data_root, is_synthetic, load_manifest, nsd_path,
+                                   resolve_data_root, synthetic_info, write_synthetic_nsd)
 
 # %% ../nbs/chain.ipynb #ea47aa0c
 def nbs_dir(nbs=None # the notebooks folder; None: `nbs/` of the checkout this package runs from
@@ -34,6 +34,7 @@ def nbs_dir(nbs=None # the notebooks folder; None: `nbs/` of the checkout this p
     raise FileNotFoundError("no minddiffuser notebooks found: run from a clone of the repository "
                             "(`pip install -e .` there) or pass the notebooks folder (--nbs).")
 
+# %% ../nbs/chain.ipynb #c1d2800e
 def chain_notebooks(nbs=None, # notebooks folder
                     only=None # restrict to these prefixes, e.g. ["00", "01"]
                    ) -> list:
@@ -51,12 +52,14 @@ class ChainError(RuntimeError):
     "A notebook of the chain failed."
 
 def _git_revision(path) -> str|None:
-    try: return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True).stdout.strip()
+    try: return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
+                               check=True).stdout.strip()
     except Exception: return None
 
 def _declared(nb:Path) -> dict:
     return pm.inspect_notebook(str(nb))
 
+# %% ../nbs/chain.ipynb #02dc3712
 def run_chain(subject:int=1, # NSD subject
               data_root=None, # NSD root (None: $MINDDIFFUSER_DATA, the manifest's, else the synthetic demo tree)
               out_dir="runs", # artifacts folder
@@ -77,7 +80,8 @@ def run_chain(subject:int=1, # NSD subject
     for nb in notebooks:
         declared = _declared(nb)
         p = {k: v for k, v in base.items() if k in declared}
-        entry = dict(notebook=nb.name, parameters=p, output=str(artifact_path(out_dir, subject, "notebooks")/nb.name), status="running")
+        entry = dict(notebook=nb.name, parameters=p, output=str(artifact_path(out_dir, subject, "notebooks")/nb.name),
+                     status="running")
         record["notebooks"].append(entry); save()
         t0 = time.time()
         print(f"[minddiffuser] {subject_name(subject)} {nb.name} ...", flush=True)
@@ -88,7 +92,8 @@ def run_chain(subject:int=1, # NSD subject
             entry.update(status="failed", seconds=round(time.time() - t0, 2), cell=e.exec_count,
                          cell_source=first[0] if first else "", error=f"{e.ename}: {e.evalue}")
             record["finished"] = datetime.now(timezone.utc).isoformat(); record["status"] = "failed"; save()
-            raise ChainError(f"{nb.name} failed at cell [{e.exec_count}] ({entry['cell_source']!r}): {e.ename}: {e.evalue}\n"
+            raise ChainError(f"{nb.name} failed at cell [{e.exec_count}] ({entry['cell_source']!r}): "
+                             f"{e.ename}: {e.evalue}\n"
                              f"The executed notebook is {entry['output']}; the run record {rec_path}.") from None
         entry.update(status="ok", seconds=round(time.time() - t0, 2)); save()
     record["finished"] = datetime.now(timezone.utc).isoformat(); record["status"] = "ok"; save()
@@ -98,6 +103,7 @@ def run_chain(subject:int=1, # NSD subject
 class CheckError(ValueError):
     "A run refused before it starts; the message is one line that says what to do."
 
+# %% ../nbs/chain.ipynb #64fd5a59
 def check_chain(subject:int, # NSD subject
                 data_root=None, # NSD root (None: $MINDDIFFUSER_DATA, the manifest's, else the synthetic demo tree)
                 out_dir="runs", # artifacts folder
@@ -107,32 +113,39 @@ def check_chain(subject:int, # NSD subject
                ) -> list:
     "Check a run before anything is written; return its notebooks, or raise `CheckError` with a one-line fix."
     man, params = load_manifest(), dict(params or {})
-    if int(subject) not in man["subjects"]: raise CheckError(f"unknown subject {subject}: NSD has subjects {min(man['subjects'])}-{max(man['subjects'])}.")
+    if int(subject) not in man["subjects"]:
+        raise CheckError(f"unknown subject {subject}: NSD has subjects {min(man['subjects'])}-{max(man['subjects'])}.")
     notebooks = chain_notebooks(nbs, only)
-    if not notebooks: raise CheckError(f"no chain notebooks match --only {' '.join(map(str, only or []))} in {nbs_dir(nbs)}.")
+    if not notebooks:
+        raise CheckError(f"no chain notebooks match --only {' '.join(map(str, only or []))} in {nbs_dir(nbs)}.")
     declared = {k for nb in notebooks for k in _declared(nb)}
     if unknown := sorted(set(params) - declared):
-        raise CheckError(f"no notebook of this run declares the parameter(s) {', '.join(unknown)}: known are {', '.join(sorted(declared))}.")
+        raise CheckError(f"no notebook of this run declares the parameter(s) {', '.join(unknown)}: "
+                         f"known are {', '.join(sorted(declared))}.")
     root, src = configured_data_root(data_root)
     if root is None:
         demo = resolve_out_dir(out_dir)/"demo_nsd"
         subjects = synthetic_info(demo)["subjects"] if is_synthetic(demo) else list(SyntheticConfig().subjects)
         if int(subject) not in subjects: raise CheckError(
-            f"subject {subject} is not in the synthetic demo NSD (subjects {', '.join(map(str, subjects))}): pick one of those, "
-            f"or configure real NSD (--data-root or $MINDDIFFUSER_DATA; `minddiffuser download --subject {subject} --data-root DIR` fetches it).")
+            f"subject {subject} is not in the synthetic demo NSD (subjects {', '.join(map(str, subjects))}): "
+            f"pick one of those, or configure real NSD (--data-root or $MINDDIFFUSER_DATA; "
+            f"`minddiffuser download --subject {subject} --data-root DIR` fetches it).")
         synthetic = True
     else:
         if not root.is_dir(): raise CheckError(f"NSD root {root} (from {src}) does not exist: fetch NSD with "
-                                               f"`minddiffuser download --subject {subject} --data-root {root}`, or point $MINDDIFFUSER_DATA at your copy.")
+                                               f"`minddiffuser download --subject {subject} --data-root {root}`, "
+                                               f"or point $MINDDIFFUSER_DATA at your copy.")
         synthetic = is_synthetic(root)
         if synthetic and int(subject) not in synthetic_info(root)["subjects"]:
-            raise CheckError(f"subject {subject} is not in the synthetic tree {root} (it has {synthetic_info(root)['subjects']}): pick one of those.")
+            raise CheckError(f"subject {subject} is not in the synthetic tree {root} "
+                             f"(it has {synthetic_info(root)['subjects']}): pick one of those.")
         if not synthetic and any(nb.name[:2] == "00" for nb in notebooks):
             for f in (nsd_path(root, "expdesign"), nsd_path(root, "betas", subject=int(subject), session=1)):
                 if not f.exists(): raise CheckError(f"{f} is missing from the NSD root {root}: fetch it with "
                                                     f"`minddiffuser download --subject {subject} --data-root {root}`.")
     if any(nb.name[:2] in ("01", "03", "04") for nb in notebooks):
-        from minddiffuser.models import check_models_for_data, resolve_model_ids  # torch & co. only when networks are involved
+        # torch & co. only when networks are involved
+        from minddiffuser.models import check_models_for_data, resolve_model_ids
         models, clip_model = resolve_model_ids(params.get("models"), params.get("clip_model"), synthetic)
         try: check_models_for_data(models, clip_model, synthetic, bool(params.get("allow_mix", False)))
         except ValueError as e: raise CheckError(str(e).replace("allow_mix=True", "-p allow_mix true")) from None
@@ -155,19 +168,24 @@ def _value(s:str):
     try: return json.loads(s)
     except ValueError: return s
 
+# %% ../nbs/chain.ipynb #4a4054f8
 def main(argv=None):
     "The `minddiffuser` command."
-    ap = argparse.ArgumentParser(prog="minddiffuser", description="MindDiffuser on NSD, one notebook chain per subject.")
+    ap = argparse.ArgumentParser(prog="minddiffuser",
+                                 description="MindDiffuser on NSD, one notebook chain per subject.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the notebook chain for a subject")
     r.add_argument("--subject", type=int, required=True, help="NSD subject (1-8)")
-    r.add_argument("--data-root", default=None, help="NSD root (default: $MINDDIFFUSER_DATA, the manifest's, else the synthetic demo tree)")
+    r.add_argument("--data-root", default=None,
+                   help="NSD root (default: $MINDDIFFUSER_DATA, the manifest's, else the synthetic demo tree)")
     r.add_argument("--out-dir", default="runs", help="artifacts folder")
     r.add_argument("--only", nargs="*", default=None, help="notebook prefixes to run, e.g. 00 01")
-    r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="a notebook parameter")
+    r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a notebook parameter")
     r.add_argument("--nbs", default=None, help="notebooks folder")
     s = sub.add_parser("synth", help="write the synthetic NSD tree")
-    s.add_argument("root"); s.add_argument("--subjects", type=int, nargs="*", default=[1, 2, 5, 7]); s.add_argument("--seed", type=int, default=0)
+    s.add_argument("root"); s.add_argument("--subjects", type=int, nargs="*", default=[1, 2, 5, 7])
+    s.add_argument("--seed", type=int, default=0)
     sub.add_parser("download", help="fetch a subject's NSD files (see `minddiffuser download -h`)", add_help=False)
     sub.add_parser("world", help="train the synthetic demo's world (see `minddiffuser world train -h`)", add_help=False)
     sub.add_parser("submit", help="send stage 2 or the ridge to SLURM (see `minddiffuser submit -h`)", add_help=False)
@@ -185,7 +203,8 @@ def main(argv=None):
     if args.cmd == "synth":
         print(write_synthetic_nsd(args.root, subjects=args.subjects, seed=args.seed)); return 0
     try:
-        rec = run_chain(args.subject, args.data_root, args.out_dir, args.only, {k: _value(v) for k, v in args.param}, args.nbs)
+        rec = run_chain(args.subject, args.data_root, args.out_dir, args.only, {k: _value(v) for k, v in args.param},
+                        args.nbs)
     except CheckError as e:
         print(f"minddiffuser: error: {e}", file=sys.stderr); return 2
     except ChainError as e:

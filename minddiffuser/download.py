@@ -39,7 +39,8 @@ def subject_files(
     have = subjects[subject]['sessions']
     n = have if n_sessions is None else n_sessions
     if not 1 <= n <= have:
-        raise ValueError(f"subject {subject} has sessions 1..{have}, so n_sessions={n_sessions} is impossible: pass 1 <= n_sessions <= {have}")
+        raise ValueError(f"subject {subject} has sessions 1..{have}, so n_sessions={n_sessions} is impossible: "
+                         f"pass 1 <= n_sessions <= {have}")
     fs = m['files']
     def fill(e, **kw): return {'path': e['path'].format(**kw), 'size': e.get('size'), 'sha256': e.get('sha256')}
     return ([fill(e) for e in fs['common']] + [fill(e, subject=subject) for e in fs['subject']]
@@ -54,6 +55,7 @@ class FetchConfig:
     timeout:float=60.0 # seconds of silence before a connection counts as dropped
     chunk_size:int=2**20 # bytes per read and write
 
+# %% ../nbs/00a_download.ipynb #65df3b76
 class DownloadError(IOError):
     "A file could not be fetched or failed verification."
 
@@ -63,6 +65,7 @@ class _Transient(Exception):
 _TRANSIENT = (_Transient, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
               urllib3.exceptions.HTTPError)
 
+# %% ../nbs/00a_download.ipynb #a8a6bbee
 def _sha256(path, chunk_size=2**22):
     "Hex SHA-256 of the file at `path`, read in chunks."
     h = hashlib.sha256()
@@ -70,6 +73,7 @@ def _sha256(path, chunk_size=2**22):
         while b := f.read(chunk_size): h.update(b)
     return h.hexdigest()
 
+# %% ../nbs/00a_download.ipynb #3af688c8
 def _check_status(r, url):
     "Raise a `DownloadError` naming `url` for 4xx, `_Transient` for 5xx/429."
     if r.status_code in (403, 404):
@@ -78,6 +82,7 @@ def _check_status(r, url):
     if r.status_code == 429 or r.status_code >= 500: raise _Transient(f"{url} answered {r.status_code} {r.reason}")
     if r.status_code >= 400: raise DownloadError(f"{url} answered {r.status_code} {r.reason}")
 
+# %% ../nbs/00a_download.ipynb #a209ddfd
 def _remote_size(url, session, timeout):
     "Content-Length from a HEAD request (None if the server does not say)."
     r = session.head(url, allow_redirects=True, timeout=timeout, headers={'Accept-Encoding': 'identity'})
@@ -196,7 +201,8 @@ def fetch_coco_captions(
             raise DownloadError(f"{url} is not a zip archive (deleted {archive}): check --coco-url") from e
         with z:
             missing = [n for n in c['members'] if n not in z.namelist()]
-            if missing: raise DownloadError(f"{archive} lacks {missing}: check --coco-url and the manifest's coco members")
+            if missing: raise DownloadError(f"{archive} lacks {missing}: "
+                                            f"check --coco-url and the manifest's coco members")
             dest.mkdir(parents=True, exist_ok=True)
             for name, t in zip(c['members'], targets):
                 tmp = t.with_suffix(t.suffix + '.part')
@@ -208,7 +214,8 @@ def fetch_coco_captions(
 def _download_root(data_root, manifest):
     "The folder to download into: argument, then $MINDDIFFUSER_DATA, then the manifest's data_root."
     root = data_root or os.environ.get('MINDDIFFUSER_DATA') or manifest.get('data_root')
-    if not root: raise DownloadError("no data root: pass --data-root DIR (or set MINDDIFFUSER_DATA, or data_root in data_manifest.yaml)")
+    if not root: raise DownloadError("no data root: pass --data-root DIR "
+                                     "(or set MINDDIFFUSER_DATA, or data_root in data_manifest.yaml)")
     return Path(root).expanduser()
 
 # %% ../nbs/00a_download.ipynb #af379fda
@@ -244,11 +251,13 @@ def download_subject(
         root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(root).free
         if need > free:
-            raise DownloadError(f"subject {subject} needs {need/1e9:.1f} GB more under {root}, which has {free/1e9:.1f} GB free: "
+            raise DownloadError(f"subject {subject} needs {need/1e9:.1f} GB more under {root}, "
+                                f"which has {free/1e9:.1f} GB free: "
                                 f"free space, choose another --data-root, or fewer --n-sessions")
         res = {'data_root': str(root), 'downloaded': [], 'resumed': [], 'skipped': [], 'coco': []}
         for e in tqdm(plan, desc=subject_name(subject), unit='file', disable=not progress):
-            st = download_file(e['url'], root/e['path'], e['size'], e['sha256'], session=session, progress=progress, cfg=cfg)
+            st = download_file(e['url'], root/e['path'], e['size'], e['sha256'],
+                               session=session, progress=progress, cfg=cfg)
             res[st].append(e['path'])
         if coco:
             caps = fetch_coco_captions(root, coco_url, m, session=session, progress=progress, cfg=cfg)
@@ -263,13 +272,15 @@ def download_main(argv:list[str]|None=None): # arguments (None: sys.argv[1:])
     p = argparse.ArgumentParser(prog='minddiffuser download', description=download_subject.__doc__)
     p.add_argument('--subject', type=int, required=True, help='NSD subject, 1-8')
     p.add_argument('--data-root', help='NSD root to fill (default: $MINDDIFFUSER_DATA, then data_manifest.yaml)')
-    p.add_argument('--n-sessions', type=int, help="betas sessions 1..N (default: all the subject has; the paper used 37)")
+    p.add_argument('--n-sessions', type=int,
+                   help="betas sessions 1..N (default: all the subject has; the paper used 37)")
     p.add_argument('--base-url', help='NSD bucket address (default: data_manifest.yaml sources.nsd_bucket)')
     p.add_argument('--coco-url', help='COCO annotation zip (default: data_manifest.yaml sources.coco_annotations)')
     p.add_argument('--no-coco', action='store_true', help='skip the COCO caption files')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     a = p.parse_args(argv)
-    res = download_subject(a.subject, a.data_root, a.n_sessions, a.base_url, not a.no_coco, a.coco_url, progress=not a.quiet)
+    res = download_subject(a.subject, a.data_root, a.n_sessions, a.base_url, not a.no_coco, a.coco_url,
+                           progress=not a.quiet)
     for k in ('downloaded', 'resumed', 'skipped', 'coco'): print(f"{k}: {len(res[k])} files")
     print(f"NSD root: {res['data_root']}")
     return 0

@@ -29,12 +29,13 @@ from .nsd_data import input_data_root, is_synthetic, read_captions, read_images
 # %% ../nbs/01_features.ipynb #4680f8f7
 INTERPOLATIONS = ("bilinear", "bicubic")
 
+# %% ../nbs/01_features.ipynb #9b8b6510
 @dataclass(frozen=True)
 class FeatureConfig:
     "How the three feature spaces are computed (spec §2): every number of this chapter in one place."
     n_captions: int = 5  # first COCO captions per image, encoded one by one and averaged
     max_length: int = 15  # tokens per caption: BOS, up to 13 word tokens, EOS, EOS padding (paper: 77, cut to 15)
-    vae_size: int|None = None  # side of the stimulus the VAE encodes; None: the VAE's sample_size (SD v1-4: 512 -> 64 latent)
+    vae_size: int|None = None  # stimulus side the VAE encodes; None: the VAE's sample_size (SD v1-4: 512 -> 64 latent)
     vae_resample: str = "bicubic"  # PIL filter of the resize to `vae_size` (PIL's default, as the authors)
     z_posterior: str = "sample"  # "sample" of the VAE posterior (authors) or its "mean"
     clip_size: int = 224  # side CLIP sees: the whole image resized, no centre crop
@@ -43,7 +44,7 @@ class FeatureConfig:
     clip_antialias: bool = False  # the authors' torchvision resized tensors without antialiasing
     clip_mean: tuple = (0.485, 0.456, 0.406)  # ImageNet normalisation, as the authors (not CLIP's own constants)
     clip_std: tuple = (0.229, 0.224, 0.225)  # ImageNet normalisation
-    clip_blocks: tuple = (0, 1, 2, 3, 4, 5)  # blocks whose `mlp.c_proj` output is kept: the authors' Linear-2 ... Linear-12
+    clip_blocks: tuple = (0, 1, 2, 3, 4, 5)  # blocks whose `mlp.c_proj` output is kept: authors' Linear-2 ... Linear-12
     clip_dtype: str = "float32"  # storage of the CLIP layers: "float32" or "float16"
 
     @property
@@ -60,7 +61,8 @@ class FeatureConfig:
         bad = [(k, v, ok) for k, v, ok in [("z_posterior", self.z_posterior, ("sample", "mean")),
                                            ("clip_dtype", self.clip_dtype, ("float32", "float16")),
                                            ("clip_interpolation", self.clip_interpolation, INTERPOLATIONS),
-                                           ("clip_interpolation_generated", self.clip_interpolation_generated, INTERPOLATIONS)]
+                                           ("clip_interpolation_generated", self.clip_interpolation_generated,
+                                            INTERPOLATIONS)]
                if v not in ok]
         if bad: raise ValueError("; ".join(f"{k}={v!r} is not one of {ok}" for k, v, ok in bad))
         return self
@@ -99,6 +101,7 @@ def images_to_tensor(
     # contiguous NCHW: torch's CPU GroupNorm loses precision on channels-last input (the VAE is full of GroupNorms)
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float() / 255
 
+# %% ../nbs/01_features.ipynb #3f5810f2
 def row_seeds(
     seed:int,  # run seed
     nsd_ids,  # 73k ids of the images
@@ -132,7 +135,8 @@ def clip_preprocess(
     cfg:FeatureConfig=FEATURE_CFG,  # size, antialiasing and normalisation
 ) -> torch.Tensor:  # (n, 3, 224, 224), normalised
     "Resize the whole image to CLIP's input (no crop) and normalise it, as the authors did; differentiable."
-    if interpolation not in INTERPOLATIONS: raise ValueError(f"interpolation={interpolation!r} is not one of {INTERPOLATIONS}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r} is not one of {INTERPOLATIONS}")
     x = F.interpolate(images, size=(cfg.clip_size, cfg.clip_size), mode=interpolation, align_corners=False,
                       antialias=cfg.clip_antialias)
     mean = torch.tensor(cfg.clip_mean, device=x.device, dtype=x.dtype)[:, None, None]
@@ -155,7 +159,8 @@ def clip_features(
     p = next(visual.parameters())
     x = clip_preprocess(images.to(p.device, p.dtype), interpolation or cfg.clip_interpolation, cfg)
     batch_first, out = getattr(visual.transformer, "batch_first", True), {}
-    def keep(name): return lambda module, inputs, output: out.__setitem__(name, output if batch_first else output.transpose(0, 1))
+    def keep(name):
+        return lambda module, inputs, output: out.__setitem__(name, output if batch_first else output.transpose(0, 1))
     handles = [names[n].register_forward_hook(keep(n)) for n in layers]
     try: embed = visual(x)
     finally:
@@ -177,7 +182,8 @@ def image_features(
     if not len(images) == len(captions) == len(nsd_ids):
         raise ValueError(f"{len(images)} images, {len(captions)} caption lists and {len(nsd_ids)} ids: they must match")
     c = caption_embeddings(m.tokenizer, m.text_encoder, captions, cfg.max_length, cfg.n_captions)
-    z = vae_latents(m.vae, images_to_tensor(images, cfg.vae_side(m.vae), cfg.vae_resample), row_seeds(seed, nsd_ids), cfg.z_posterior)
+    z = vae_latents(m.vae, images_to_tensor(images, cfg.vae_side(m.vae), cfg.vae_resample),
+                    row_seeds(seed, nsd_ids), cfg.z_posterior)
     clip = clip_features(m.clip_visual, images_to_tensor(images), cfg=cfg)
     out = {"c": c, "z": z} | {f"clip/{k}": v for k, v in clip.items()}
     return {k: v.float().cpu().numpy() for k, v in out.items()}
@@ -185,14 +191,17 @@ def image_features(
 # %% ../nbs/01_features.ipynb #503b4f0f
 DESCRIPTIONS = {
     "nsd_id": "0-based NSD 73k image id of each row (aligned with fmri.h5)",
-    "c": "text-encoder last hidden state at max_length tokens, mean over the first n_captions captions; token 0 = c_bos",
+    "c": "text-encoder last hidden state at max_length tokens, mean over the first n_captions captions; "
+         "token 0 = c_bos",
     "z": "VAE posterior sample (or mean, see z_posterior) x scaling_factor of the vae_size stimulus",
-    "clip": "CLIP mlp.c_proj output, token-major: index = token * clip_width + channel; token 0 = CLS, 1.. = patches row-major",
+    "clip": "CLIP mlp.c_proj output, token-major: index = token * clip_width + channel; "
+            "token 0 = CLS, 1.. = patches row-major",
     "embed": "CLIP image embedding ln_post(CLS) @ proj, not normalised",
     "c_uncond": "the empty prompt through the text encoder at max_length tokens (classifier-free guidance)",
     "c_bos": "token 0 (BOS) of every caption embedding: constant, stored once",
 }
 
+# %% ../nbs/01_features.ipynb #02152f21
 def feature_layout(
     m:Components,  # the networks (their widths)
     cfg:FeatureConfig=FEATURE_CFG,  # the feature settings
@@ -215,6 +224,7 @@ def _settings(m, seed, cfg, attrs) -> dict:
 def _h5_attr(v):
     return json.dumps(v) if isinstance(v, (dict, type(None))) else list(v) if isinstance(v, tuple) else v
 
+# %% ../nbs/01_features.ipynb #74709c14
 def _mismatch(path, settings, ids, need_complete) -> str|None:
     "Why the file at `path` cannot be reused (None if it can)."
     try:
@@ -222,17 +232,21 @@ def _mismatch(path, settings, ids, need_complete) -> str|None:
             old = json.loads(f.attrs.get("settings", "{}"))
             if diff := settings_diff(old, settings):
                 return "it was written with other settings: " + ", ".join(f"{k}={a!r} (now {b!r})" for k, a, b in diff)
-            if set(f) - {"c_uncond", "c_bos"} != set(ids) or any(not np.array_equal(f[s]["nsd_id"][:], v) for s, v in ids.items()):
+            if set(f) - {"c_uncond", "c_bos"} != set(ids) or any(not np.array_equal(f[s]["nsd_id"][:], v)
+                                                                 for s, v in ids.items()):
                 return "its rows (nsd_id) differ from the ones asked for"
             if need_complete and not f.attrs.get("complete", False): return "it is incomplete"
     except OSError as e: return f"it cannot be read ({e})"
     return None
 
+# %% ../nbs/01_features.ipynb #2b78bd3a
 def _create(path, ids, layout, settings, m, cfg):
-    with torch.no_grad(): uncond = caption_embeddings(m.tokenizer, m.text_encoder, [[""]], cfg.max_length)[0].float().cpu().numpy()
+    with torch.no_grad():
+        uncond = caption_embeddings(m.tokenizer, m.text_encoder, [[""]], cfg.max_length)[0].float().cpu().numpy()
     with h5py.File(path, "w") as f:
         f.attrs.update({k: _h5_attr(v) for k, v in settings.items()})
-        f.attrs.update(settings=json.dumps(settings, sort_keys=True), complete=False, minddiffuser_version=minddiffuser.__version__)
+        f.attrs.update(settings=json.dumps(settings, sort_keys=True), complete=False,
+                       minddiffuser_version=minddiffuser.__version__)
         for name, data in (("c_uncond", uncond), ("c_bos", uncond[0])):
             f.create_dataset(name, data=data).attrs["description"] = DESCRIPTIONS[name]
         for split, sid in ids.items():
@@ -240,8 +254,10 @@ def _create(path, ids, layout, settings, m, cfg):
             g.attrs.update(n=len(sid), done=0)
             g.create_dataset("nsd_id", data=sid).attrs["description"] = DESCRIPTIONS["nsd_id"]
             for name, (shape, dtype) in layout.items():
-                d = g.create_dataset(name, shape=(len(sid), *shape), dtype=dtype, chunks=(1, *shape) if len(sid) else None)
-                d.attrs["description"] = DESCRIPTIONS[name.split("/")[-1] if name.endswith("embed") else name.split("/")[0]]
+                d = g.create_dataset(name, shape=(len(sid), *shape), dtype=dtype,
+                                     chunks=(1, *shape) if len(sid) else None)
+                d.attrs["description"] = DESCRIPTIONS[name.split("/")[-1] if name.endswith("embed")
+                                                      else name.split("/")[0]]
 
 # %% ../nbs/01_features.ipynb #160cba79
 def write_features(
@@ -267,8 +283,8 @@ def write_features(
     part = path.with_name(path.name + ".partial")
     for p, complete in ((path, True), (part, False)):
         if not p.exists() or (why := _mismatch(p, settings, ids, complete)) is None: continue
-        if not overwrite: raise ValueError(f"{p} exists but {why}. Rerun with the same settings, or pass overwrite=True "
-                                           f"(or delete the file) to start again.")
+        if not overwrite: raise ValueError(f"{p} exists but {why}. Rerun with the same settings, "
+                                           f"or pass overwrite=True (or delete the file) to start again.")
         p.unlink()
     if path.exists(): return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +312,7 @@ def extract_features(
     data_root=None,  # NSD root (see `resolve_data_root`)
     out_dir="runs",  # artifacts folder: reads subjNN/fmri.h5, writes subjNN/features.h5
     models:str|None=None,  # "tiny", an SD hub id or folder; None: the world on synthetic data, SD v1-4 otherwise
-    clip_model:str|None=None,  # "tiny", "<arch>/<tag>" or a checkpoint; None: the world's CLIP on synthetic data, ViT-B-32/openai otherwise
+    clip_model:str|None=None,  # "tiny", "<arch>/<tag>" or a checkpoint; None: world if synthetic, else ViT-B-32/openai
     device=None,  # None: cuda if available, else cpu
     batch_size:int=16,  # images per forward pass and per write
     seed:int=0,  # seed of the posterior samples and of the tiny weights
@@ -313,7 +329,8 @@ def extract_features(
         ids = {s: f[f"{s}/nsd_id"][:] for s in ("train", "test")}
         built_from = str(f.attrs.get("data_root", ""))
     if built_from and Path(built_from).resolve() != root.resolve(): raise ValueError(
-        f"{fmri} was built from {built_from}, not from {root}: pass data_root={built_from!r}, or rebuild fmri.h5 from this root.")
+        f"{fmri} was built from {built_from}, not from {root}: pass data_root={built_from!r}, "
+        f"or rebuild fmri.h5 from this root.")
     synthetic = is_synthetic(root)
     models, clip_model = resolve_model_ids(models, clip_model, synthetic)
     check_models_for_data(models, clip_model, synthetic, allow_mix)
@@ -321,4 +338,5 @@ def extract_features(
     cfg = replace(cfg, vae_size=cfg.vae_side(m.vae))  # the file records the side it used
     attrs = dict(subject=int(subject), data_root=str(root.resolve()), synthetic=bool(synthetic))
     return write_features(artifact_path(out_dir, subject, "features"), ids, lambda b: read_images(root, b),
-                          lambda b: read_captions(root, b), m, batch_size, seed, cfg, attrs, overwrite)
+                          lambda b: read_captions(root, b), m, batch_size=batch_size, seed=seed, cfg=cfg, attrs=attrs,
+                          overwrite=overwrite)

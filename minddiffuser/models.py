@@ -17,8 +17,8 @@ from pathlib import Path
 
 import open_clip
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline,
+                       StableDiffusionPipeline, UNet2DConditionModel)
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from open_clip.pretrained import get_pretrained_cfg
@@ -72,7 +72,7 @@ class ModelConfig:
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
         norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
         mid_block_scale_factor=1, center_input_sample=False))
-    world: str = "world"  # the trained world's folder inside the package (sd/, clip/): the synthetic NSD's default networks
+    world: str = "world"  # the trained world's folder in the package (sd/, clip/): the synthetic NSD's default networks
     sd_scheduler: dict = field(default_factory=lambda: dict(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False))  # v1-4 ships a PNDMScheduler
@@ -139,6 +139,7 @@ def _seeded(seed, build):
         torch.manual_seed(seed)
         return build()
 
+# %% ../nbs/01a_models.ipynb #9d8bd566
 def _tiny_clip_visual(cfg: ModelConfig, seed: int):
     build = lambda: open_clip.create_model(cfg.clip_arch, pretrained=None, force_quick_gelu=cfg.clip_quick_gelu,
                                            **cfg.tiny_clip).visual
@@ -147,6 +148,7 @@ def _tiny_clip_visual(cfg: ModelConfig, seed: int):
     try: return _seeded(seed, build)
     finally: root.setLevel(level)
 
+# %% ../nbs/01a_models.ipynb #d4edbe0e
 def _tiny_sd(cfg: ModelConfig, seed: int):
     return dict(tokenizer=clip_bpe_tokenizer(**cfg.tiny_tokenizer),
                 text_encoder=_seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(**cfg.tiny_text_encoder))),
@@ -155,8 +157,10 @@ def _tiny_sd(cfg: ModelConfig, seed: int):
 
 # %% ../nbs/01a_models.ipynb #6af04224
 def _offline() -> bool:
-    return bool(hf_constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    return (bool(hf_constants.HF_HUB_OFFLINE)
+            or os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"))
 
+# %% ../nbs/01a_models.ipynb #8b5aef6a
 def _check_sd_source(models: str, cfg: ModelConfig) -> str:
     p = Path(models).expanduser()
     if p.is_dir():
@@ -173,9 +177,10 @@ def _check_sd_source(models: str, cfg: ModelConfig) -> str:
         f"folder as models=..., or unset HF_HUB_OFFLINE to download on first use.")
     return models
 
+# %% ../nbs/01a_models.ipynb #dc88b181
 def _check_clip_source(clip_model: str, cfg: ModelConfig) -> tuple:
     p = Path(clip_model).expanduser()
-    if p.is_file() and (p.parent/"open_clip_config.json").is_file():  # open_clip's own layout: config beside the weights
+    if p.is_file() and (p.parent/"open_clip_config.json").is_file():  # open_clip's own layout: config beside weights
         quick = json.loads((p.parent/"open_clip_config.json").read_text())["model_cfg"].get("quick_gelu", False)
         return f"local-dir:{p.parent}", None, quick
     if p.is_file(): return cfg.clip_arch, str(p), cfg.clip_quick_gelu
@@ -203,6 +208,7 @@ def _real_sd(src: str, cfg: ModelConfig):
         f"Could not load Stable Diffusion from {src!r}: {e}. Fetch it with `hf download {src}` or pass a "
         f"complete local folder as models=...") from e
 
+# %% ../nbs/01a_models.ipynb #0f36d0c4
 def _real_clip_visual(arch: str, pretrained: str, quick_gelu: bool):
     try: model = open_clip.create_model(arch, pretrained=pretrained, force_quick_gelu=quick_gelu)
     except RuntimeError as e: raise OSError(
@@ -237,6 +243,7 @@ def world_paths(folder) -> tuple:
     "A world folder's layout, in one place: (its diffusers SD folder, its open_clip checkpoint)."
     return Path(folder) / "sd", Path(folder) / "clip" / WORLD_CLIP_FILE
 
+# %% ../nbs/01a_models.ipynb #8a6e4d7e
 def world_weights(
     folder=None,  # a world folder (sd/, clip/); None: the one shipped in the package
     cfg:ModelConfig=MODEL_CFG,  # where the shipped world lives
@@ -249,16 +256,20 @@ def world_weights(
         f"`minddiffuser world train --out {folder}` (about an hour on 2 CPU cores), or reinstall minddiffuser.")
     return str(sd), str(clip)
 
+# %% ../nbs/01a_models.ipynb #dc0d28b7
 def resolve_model_ids(
     models:str|None=None,  # "tiny", "world", a hub id or folder; None: decided by `synthetic`
     clip_model:str|None=None,  # "tiny", "world", "<arch>/<tag>" or a checkpoint file; None: decided by `synthetic`
     synthetic:bool=True,  # whether the data are the synthetic NSD
     cfg:ModelConfig=MODEL_CFG,  # the paper's ids
 ) -> tuple:
-    "`(models, clip_model)` with None replaced by the trained world (synthetic data) or the paper's networks (real data)."
-    models, clip_model = (models or ("world" if synthetic else cfg.sd_id)), (clip_model or ("world" if synthetic else cfg.clip_id))
-    return (world_weights(cfg=cfg)[0] if models == "world" else models), (world_weights(cfg=cfg)[1] if clip_model == "world" else clip_model)
+    "`(models, clip_model)`, None replaced by the trained world (synthetic data) or the paper's networks (real data)."
+    models, clip_model = (models or ("world" if synthetic else cfg.sd_id)), \
+                         (clip_model or ("world" if synthetic else cfg.clip_id))
+    return (world_weights(cfg=cfg)[0] if models == "world" else models), \
+           (world_weights(cfg=cfg)[1] if clip_model == "world" else clip_model)
 
+# %% ../nbs/01a_models.ipynb #af444764
 def is_world(source) -> bool:
     "Whether a resolved source (SD folder or CLIP file) is a world's: a folder written by `save_world` (01b)."
     p = Path(str(source)).expanduser()
@@ -276,14 +287,15 @@ def check_models_for_data(
     kinds = {k: kind(v) for k, v in (("models", models), ("clip_model", clip_model))}
     if allow_mix: return
     what = {"tiny": "random weights", "world": "the trained toy world of 01b"}
-    toy = [f"{k} = {v!r} ({what[kinds[k]]})" for k, v in (("models", models), ("clip_model", clip_model)) if kinds[k] != "real"]
+    toy = [f"{k} = {v!r} ({what[kinds[k]]})" for k, v in (("models", models), ("clip_model", clip_model))
+           if kinds[k] != "real"]
     if not synthetic and toy: raise ValueError(
         f"{' and '.join(toy)}: not the paper's networks, with real NSD data: pass the real networks "
         f"(models=None resolves to CompVis/stable-diffusion-v1-4), or allow_mix=True to run them anyway.")
     if synthetic and (len(set(kinds.values())) > 1 or "real" in kinds.values()): raise ValueError(
-        f"models={models!r} ({kinds['models']}) and clip_model={clip_model!r} ({kinds['clip_model']}) on the synthetic demo NSD: "
-        f"it takes the trained world (models=None, clip_model=None) or both tiny twins ('tiny'); point data_root at real NSD "
-        f"for the paper's networks, or pass allow_mix=True.")
+        f"models={models!r} ({kinds['models']}) and clip_model={clip_model!r} ({kinds['clip_model']}) "
+        f"on the synthetic demo NSD: it takes the trained world (models=None, clip_model=None) or both tiny twins "
+        f"('tiny'); point data_root at real NSD for the paper's networks, or pass allow_mix=True.")
 
 # %% ../nbs/01a_models.ipynb #a119cde1
 def sd_pipeline(
@@ -297,7 +309,7 @@ def sd_pipeline(
 
 # %% ../nbs/01a_models.ipynb #8683588e
 def write_full_size_twins(
-    folder=None,  # where to write `sd-v1-4/` (diffusers) and `ViT-B-32-openai.bin` (open_clip); None: runs/full_size_twins
+    folder=None,  # folder for `sd-v1-4/` (diffusers) and `ViT-B-32-openai.bin` (open_clip); None: runs/full_size_twins
     seed:int=0,  # seed of the random weights (network k gets seed + k)
     dtype:torch.dtype=torch.float16,  # dtype of the weights on disk
     cfg:ModelConfig=MODEL_CFG,  # the configs
@@ -320,7 +332,8 @@ def write_full_size_twins(
     StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(sd, safe_serialization=True)
     del parts
-    model = _seeded(seed + 3, lambda: open_clip.create_model(cfg.clip_arch, pretrained=None, force_quick_gelu=cfg.clip_quick_gelu))
+    model = _seeded(seed + 3, lambda: open_clip.create_model(cfg.clip_arch, pretrained=None,
+                                                             force_quick_gelu=cfg.clip_quick_gelu))
     torch.save({k: v.to(dtype) for k, v in model.state_dict().items()}, clip)
     marker.write_text(json.dumps(record, indent=1))
     return sd, clip

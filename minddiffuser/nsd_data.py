@@ -37,7 +37,8 @@ def load_manifest(path=None # a manifest file; None: the project's data_manifest
                  ) -> dict:
     "The data manifest: NSD paths, per-subject facts, ROI definitions and files."
     p = Path(path) if path is not None else Path(str(importlib.resources.files("minddiffuser")/"data_manifest.yaml"))
-    if not p.exists(): raise FileNotFoundError(f"data manifest not found at {p}: reinstall minddiffuser or pass its path")
+    if not p.exists(): raise FileNotFoundError(f"data manifest not found at {p}: "
+                                               f"reinstall minddiffuser or pass its path")
     return _manifest_cached(str(p.resolve()))
 
 # %% ../nbs/00_nsd_data.ipynb #d34f7158
@@ -51,6 +52,7 @@ def is_synthetic(root) -> bool:
     "Whether `root` is a synthetic NSD tree written by `write_synthetic_nsd`."
     return nsd_path(root, "synthetic_marker").exists()
 
+# %% ../nbs/00_nsd_data.ipynb #66292a2a
 def synthetic_info(root) -> dict:
     "The record a synthetic tree keeps of how it was made (seed, subjects, sessions, design)."
     return json.loads(nsd_path(root, "synthetic_marker").read_text())
@@ -58,12 +60,15 @@ def synthetic_info(root) -> dict:
 # %% ../nbs/00_nsd_data.ipynb #3a89912b
 def configured_data_root(data_root=None # NSD root, "demo", or None to look it up
                         ) -> tuple:
-    "`(root, source)` of the NSD root asked for: argument, else $MINDDIFFUSER_DATA, else the manifest's; `(None, None)` for the demo tree. Writes nothing."
-    if data_root is not None: return (None, None) if str(data_root) == "demo" else (Path(data_root).expanduser(), "argument")
-    if os.environ.get("MINDDIFFUSER_DATA"): return Path(os.environ["MINDDIFFUSER_DATA"]).expanduser(), "$MINDDIFFUSER_DATA"
+    "`(root, source)`: argument, else $MINDDIFFUSER_DATA, else the manifest's; `(None, None)`: demo. Writes nothing."
+    if data_root is not None:
+        return (None, None) if str(data_root) == "demo" else (Path(data_root).expanduser(), "argument")
+    if os.environ.get("MINDDIFFUSER_DATA"):
+        return Path(os.environ["MINDDIFFUSER_DATA"]).expanduser(), "$MINDDIFFUSER_DATA"
     if load_manifest().get("data_root"): return Path(load_manifest()["data_root"]).expanduser(), "data_manifest.yaml"
     return None, None
 
+# %% ../nbs/00_nsd_data.ipynb #cc08fa1b
 def resolve_data_root(data_root=None, # NSD root, "demo" for the synthetic tree, or None to look it up
                       out_dir="runs", # where the demo tree is written if it is needed
                       seed:int=0, # seed of the demo tree
@@ -79,14 +84,16 @@ def resolve_data_root(data_root=None, # NSD root, "demo" for the synthetic tree,
         return root
     if not root.is_dir():
         raise FileNotFoundError(f"NSD root {root} (from {src}) does not exist. Fetch NSD with "
-                                f"`minddiffuser download --subject N --data-root {root}`, or point $MINDDIFFUSER_DATA at your copy.")
+                                f"`minddiffuser download --subject N --data-root {root}`, "
+                                f"or point $MINDDIFFUSER_DATA at your copy.")
     return root
 
+# %% ../nbs/00_nsd_data.ipynb #5e152986
 def input_data_root(data_root, # NSD root, or None
                     out_dir, # artifacts folder
                     subject:int # NSD subject
                    ) -> Path:
-    "The NSD root a later chapter reads: as configured, else the one `subjNN/fmri.h5` was built from, else the demo tree."
+    "The NSD root a later chapter reads: as configured, else the one `fmri.h5` was built from, else the demo tree."
     if configured_data_root(data_root)[0] is None and str(data_root) != "demo":
         fmri = artifact_path(out_dir, subject, "fmri")
         if fmri.exists():
@@ -122,6 +129,7 @@ def _where(x, y):
     h = "left" if x < 0.38 else "right" if x > 0.62 else ""
     return f"{v} {h}".strip() or "centre"
 
+# %% ../nbs/00_nsd_data.ipynb #2c9af1dc
 def random_scene(rng:np.random.Generator # random source
                 ) -> dict:
     "A scene description: background and one or two objects (kind, colour, position, size, angle)."
@@ -130,6 +138,7 @@ def random_scene(rng:np.random.Generator # random source
             for _ in range(1 + int(rng.random() < .3))]
     return dict(background=[int(v) for v in rng.integers(90, 200, 3)], objects=objs)
 
+# %% ../nbs/00_nsd_data.ipynb #4d03c130
 def render_scene(scene:dict, # from `random_scene`
                  size:int=425 # side in pixels (imgBrick's 425)
                 ) -> np.ndarray:
@@ -145,17 +154,22 @@ def render_scene(scene:dict, # from `random_scene`
         d.polygon(rot, fill=COLOURS[o["colour"]])
     return np.asarray(img)
 
+# %% ../nbs/00_nsd_data.ipynb #785d375c
 def scene_captions(scene:dict, rng:np.random.Generator, n:int=5) -> list:
     "`n` COCO-style captions that describe the scene."
     def one(o):
         sz = "large" if o["size"] > .22 else "small"
-        return [f"a {sz} {o['colour']} {o['shape']}", f"a {o['colour']} {o['shape']}", f"{o['shape']} coloured {o['colour']}"][rng.integers(3)], _where(o["x"], o["y"])
+        return [f"a {sz} {o['colour']} {o['shape']}", f"a {o['colour']} {o['shape']}",
+                f"{o['shape']} coloured {o['colour']}"][rng.integers(3)], _where(o["x"], o["y"])
     caps = []
     for i in range(n):
         parts = [one(o) for o in scene["objects"]]
-        if len(parts) == 1: what, where = parts[0]; s = [f"{what} in the {where} of the picture", f"There is {what} at the {where}.",
-                                                           f"{what} on a plain background", f"A picture of {what}.", f"{what} near the {where}"][i % 5]
-        else: s = f"{parts[0][0]} and {parts[1][0]}" + ["", " on a plain background", " in one picture", ", side by side", " together"][i % 5]
+        if len(parts) == 1:
+            what, where = parts[0]
+            s = [f"{what} in the {where} of the picture", f"There is {what} at the {where}.",
+                 f"{what} on a plain background", f"A picture of {what}.", f"{what} near the {where}"][i % 5]
+        else: s = f"{parts[0][0]} and {parts[1][0]}" + ["", " on a plain background", " in one picture",
+                                                        ", side by side", " together"][i % 5]
         caps.append(s[0].upper() + s[1:])
     return caps
 
@@ -167,7 +181,8 @@ def scene_features(scene:dict, grid:int=8) -> tuple:
     cmap = contrast.reshape(grid, 16, grid, 16).mean((1, 3))
     ident = np.zeros(len(SHAPES) + len(COLOURS) + 1, np.float32)
     for o in scene["objects"]:
-        ident[SHAPES.index(o["shape"])] += 1; ident[len(SHAPES) + list(COLOURS).index(o["colour"])] += 1; ident[-1] += o["size"]*4
+        ident[SHAPES.index(o["shape"])] += 1; ident[len(SHAPES) + list(COLOURS).index(o["colour"])] += 1
+        ident[-1] += o["size"]*4
     return cmap, ident
 
 # %% ../nbs/00_nsd_data.ipynb #ead0a943
@@ -183,8 +198,9 @@ def _write_design(root, cfg, rng):
     first = rng.permutation(np.repeat(pool, 3))
     masterordering = np.r_[first, rng.choice(pool, 30000 - n_trials)]  # trials after the synthetic sessions: never read
     p = nsd_path(root, "expdesign"); p.parent.mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(p, dict(masterordering=masterordering[None].astype(np.float64), subjectim=subjectim.astype(np.float64),
-                             sharedix=sharedix[None].astype(np.float64), basiccnt=np.zeros((3, 40)), stimpattern=np.zeros((40, 12, 75))))
+    scipy.io.savemat(p, dict(masterordering=masterordering[None].astype(np.float64),
+                             subjectim=subjectim.astype(np.float64), sharedix=sharedix[None].astype(np.float64),
+                             basiccnt=np.zeros((3, 40)), stimpattern=np.zeros((40, 12, 75))))
     return masterordering, subjectim, sharedix, pool, n_trials
 
 # %% ../nbs/00_nsd_data.ipynb #9a1fe900
@@ -194,22 +210,28 @@ def _write_stimuli(root, cfg, subjectim, sharedix, pool, masterordering, n_trial
     for s in cfg.subjects:
         for slot in pool: used.setdefault(int(subjectim[s-1, slot-1]) - 1, None)
     ids = np.array(sorted(used))
-    scenes = {int(i): random_scene(np.random.default_rng([cfg.subjects[0], int(i), rng.integers(1 << 30)])) for i in ids}
+    scenes = {int(i): random_scene(np.random.default_rng([cfg.subjects[0], int(i), rng.integers(1 << 30)]))
+              for i in ids}
     p = nsd_path(root, "stimuli"); p.parent.mkdir(parents=True, exist_ok=True)
     n, sz = man["n_images"], man["image_size"]
     with h5py.File(p, "w") as f:
-        d = f.create_dataset("imgBrick", (n, sz, sz, 3), np.uint8, chunks=(1, sz, sz, 3), compression="gzip", compression_opts=1)
+        d = f.create_dataset("imgBrick", (n, sz, sz, 3), np.uint8, chunks=(1, sz, sz, 3),
+                             compression="gzip", compression_opts=1)
         for i in tqdm(ids, desc="synthetic stimuli", leave=False): d[i] = render_scene(scenes[int(i)], sz)
     anns, imgs = {sp: [] for sp in man["caption_splits"]}, {sp: [] for sp in man["caption_splits"]}
     coco_id = 100000 + np.arange(n)                     # a COCO id per 73k id
     split = np.where(np.arange(n) % 4 == 0, man["caption_splits"][1], man["caption_splits"][0])
     for i in ids:
-        caps = scene_captions(scenes[int(i)], np.random.default_rng(int(i)), 6)  # COCO has 5-7; the sixth must be ignored
+        caps = scene_captions(scenes[int(i)], np.random.default_rng(int(i)), 6)  # COCO has 5-7; the 6th must be ignored
         imgs[split[i]].append(dict(id=int(coco_id[i]), file_name=f"{coco_id[i]:012d}.jpg", height=sz, width=sz))
-        for c in caps: anns[split[i]].append(dict(image_id=int(coco_id[i]), id=len(anns[split[i]]) + 1 + 10_000_000*(split[i] == man["caption_splits"][1]), caption=c))
+        for c in caps:
+            anns[split[i]].append(dict(image_id=int(coco_id[i]),
+                                       id=len(anns[split[i]]) + 1 + 10_000_000*(split[i] == man["caption_splits"][1]),
+                                       caption=c))
     for sp in man["caption_splits"]:
         q = nsd_path(root, "captions", split=sp); q.parent.mkdir(parents=True, exist_ok=True)
-        q.write_text(json.dumps(dict(info={"description": "minddiffuser synthetic COCO captions"}, images=imgs[sp], annotations=anns[sp])))
+        q.write_text(json.dumps(dict(info={"description": "minddiffuser synthetic COCO captions"}, images=imgs[sp],
+                                     annotations=anns[sp])))
     info = pd.DataFrame(dict(cocoId=coco_id, cocoSplit=split, cropBox="(0, 0, 0, 0)", loss=0.0, nsdId=np.arange(n),
                              flagged=False, BOLD5000=False, shared1000=np.isin(np.arange(n), sharedix - 1)))
     for s in range(1, 9):
@@ -231,11 +253,13 @@ def _write_ctab(path, names):
     lines = [f"{i:>3d}  {n:<20s} {37*i % 256:>3d} {91*i % 256:>3d} {53*i % 256:>3d}   0" for i, n in enumerate(names)]
     path.write_text("\n".join(lines) + "\n")
 
+# %% ../nbs/00_nsd_data.ipynb #98d6b553
 def _write_atlases(root, s, cfg, rng):
     X, Y, Z = (g + d for g, d in zip(cfg.grid, (s % 2, s % 3 - 1, (s // 2) % 2)))
     ii, jj, kk = np.meshgrid(np.arange(X), np.arange(Y), np.arange(Z), indexing="ij")
     brain = ((ii - X/2 + .5)/(X/2))**2 + ((jj - Y/2 + .5)/(Y/2))**2 + ((kk - Z/2 + .5)/(Z/2))**2 < 1
-    centres = np.c_[rng.uniform(3, X - 3, 25), rng.uniform(2, Y*0.6, 25), rng.uniform(3, Z - 3, 25)]  # visual cortex at the back (low j)
+    centres = np.c_[rng.uniform(3, X - 3, 25), rng.uniform(2, Y*0.6, 25),  # visual cortex at the back (low j)
+                    rng.uniform(3, Z - 3, 25)]
     d = np.sqrt(((np.stack([ii, jj, kk], -1)[..., None, :] - centres)**2).sum(-1))
     near = d.argmin(-1)
     kastner = np.where(brain & (d.min(-1) < cfg.roi_radius), near + 1, 0).astype(np.int16)
@@ -263,7 +287,8 @@ def _write_subject(root, s, cfg, masterordering, subjectim, pool, scenes, rng, t
     gy, gx = np.mgrid[0:g, 0:g]
     prf_xy = np.c_[rng.uniform(0, g - 1, nv), rng.uniform(0, g - 1, nv)]
     prf_sd = rng.uniform(.7, 1.6, nv)
-    W = np.exp(-((gx.ravel()[None] - prf_xy[:, :1])**2 + (gy.ravel()[None] - prf_xy[:, 1:])**2)/(2*prf_sd[:, None]**2))  # (nv, g*g)
+    W = np.exp(-((gx.ravel()[None] - prf_xy[:, :1])**2 + (gy.ravel()[None] - prf_xy[:, 1:])**2)
+               /(2*prf_sd[:, None]**2))  # (nv, g*g)
     V = rng.standard_normal((nv, idents.shape[1]))
     resp = np.zeros((len(pool), nv), np.float32)
     e, l = early.ravel(), late.ravel()
@@ -271,9 +296,12 @@ def _write_subject(root, s, cfg, masterordering, subjectim, pool, scenes, rng, t
     resp[:, l] = idents @ V[l].T
     resp[:, (general.ravel() > 0) & ~e & ~l] = 0.3*(idents @ V[(general.ravel() > 0) & ~e & ~l].T)
     sd = resp.std(0); resp = (resp - resp.mean(0))/np.where(sd > 0, sd, 1)*cfg.signal
-    truth.create_dataset(f"{subject_name(s)}/nsd_id", data=ids); truth.create_dataset(f"{subject_name(s)}/response", data=resp.reshape(len(pool), X, Y, Z))
-    truth.create_dataset(f"{subject_name(s)}/contrast_maps", data=cmaps); truth.create_dataset(f"{subject_name(s)}/identity", data=idents)
-    truth.create_dataset(f"{subject_name(s)}/prf_xy", data=prf_xy.reshape(X, Y, Z, 2)); truth.create_dataset(f"{subject_name(s)}/label", data=label)
+    truth.create_dataset(f"{subject_name(s)}/nsd_id", data=ids)
+    truth.create_dataset(f"{subject_name(s)}/response", data=resp.reshape(len(pool), X, Y, Z))
+    truth.create_dataset(f"{subject_name(s)}/contrast_maps", data=cmaps)
+    truth.create_dataset(f"{subject_name(s)}/identity", data=idents)
+    truth.create_dataset(f"{subject_name(s)}/prf_xy", data=prf_xy.reshape(X, Y, Z, 2))
+    truth.create_dataset(f"{subject_name(s)}/label", data=label)
     row = {slot: r for r, slot in enumerate(pool)}
     tps = load_manifest()["nsd"]["trials_per_session"]
     for sess in range(1, cfg.n_sessions + 1):
@@ -298,30 +326,37 @@ def write_synthetic_nsd(root, # folder to write the tree into
     rng = np.random.default_rng(seed)
     masterordering, subjectim, sharedix, pool, n_trials = _write_design(root, cfg, rng)
     scenes = _write_stimuli(root, cfg, subjectim, sharedix, pool, masterordering, n_trials, rng)
-    names = {"Kastner2015": ["Unknown", *KASTNER], "prf-visualrois": ["Unknown", *PRF_VISUAL], "nsdgeneral": ["Unknown", "nsdgeneral"]}
+    names = {"Kastner2015": ["Unknown", *KASTNER], "prf-visualrois": ["Unknown", *PRF_VISUAL],
+             "nsdgeneral": ["Unknown", "nsdgeneral"]}
     for atlas, n in names.items(): _write_ctab(nsd_path(root, "ctab", atlas=atlas), n)
     with atomic_write(root/"synthetic_truth.h5") as tmp, h5py.File(tmp, "w") as truth:
         for s in tqdm(cfg.subjects, desc="synthetic subjects", leave=False):
-            _write_subject(root, s, cfg, masterordering, subjectim, pool, scenes, np.random.default_rng([seed, s]), truth)
-    nsd_path(root, "synthetic_marker").write_text(json.dumps(dict(seed=seed, **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}), indent=1))
+            _write_subject(root, s, cfg, masterordering, subjectim, pool, scenes,
+                           rng=np.random.default_rng([seed, s]), truth=truth)
+    nsd_path(root, "synthetic_marker").write_text(json.dumps(
+        dict(seed=seed, **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}), indent=1))
     return root
 
 # %% ../nbs/00_nsd_data.ipynb #8c181d09
 def _need(path, what:str):
     if not Path(path).exists():
-        raise FileNotFoundError(f"{what} is missing: {path}. Fetch it with `minddiffuser download --subject N --data-root <NSD root>` "
+        raise FileNotFoundError(f"{what} is missing: {path}. Fetch it with "
+                                f"`minddiffuser download --subject N --data-root <NSD root>` "
                                 f"or check data_root (set $MINDDIFFUSER_DATA).")
     return Path(path)
 
+# %% ../nbs/00_nsd_data.ipynb #574026a2
 def read_expdesign(root) -> dict:
     "`masterordering` (1-based slots), `subjectim` (1-based 73k ids) and `sharedix` from nsd_expdesign.mat."
     p = _need(nsd_path(root, "expdesign"), "NSD's design file")
     try: m = scipy.io.loadmat(p)
-    except Exception as e: raise ValueError(f"{p} cannot be read as a MATLAB file ({e}): it is truncated or corrupt; download it again.") from e
+    except Exception as e: raise ValueError(f"{p} cannot be read as a MATLAB file ({e}): "
+                                            f"it is truncated or corrupt; download it again.") from e
     out = {k: np.asarray(m[k]).astype(np.int64) for k in ("masterordering", "subjectim", "sharedix")}
     out["masterordering"], out["sharedix"] = out["masterordering"].ravel(), out["sharedix"].ravel()
     return out
 
+# %% ../nbs/00_nsd_data.ipynb #8c94567a
 def check_subject(root, subject:int, n_sessions:int|None=None) -> int:
     "Validate a subject (and session count) against the tree; return the number of sessions to use."
     man = load_manifest()
@@ -330,15 +365,20 @@ def check_subject(root, subject:int, n_sessions:int|None=None) -> int:
     if is_synthetic(root):
         info = synthetic_info(root)
         if int(subject) not in info["subjects"]:
-            raise ValueError(f"subject {subject} is not in the synthetic tree {root} (it has {info['subjects']}): pick one of those.")
+            raise ValueError(f"subject {subject} is not in the synthetic tree {root} (it has {info['subjects']}): "
+                             f"pick one of those.")
         if n_sessions is not None and n_sessions > info["n_sessions"]:
-            print(f"The synthetic tree has {info['n_sessions']} sessions per subject: using {info['n_sessions']} (asked for {n_sessions}).")
+            print(f"The synthetic tree has {info['n_sessions']} sessions per subject: "
+                  f"using {info['n_sessions']} (asked for {n_sessions}).")
         have = info["n_sessions"]
         return have if n_sessions is None else min(int(n_sessions), have)
     n = have if n_sessions is None else int(n_sessions)
-    if not 1 <= n <= have: raise ValueError(f"subject {subject} has {have} NSD sessions; n_sessions={n_sessions} is not possible (use 1-{have}; the paper used 37).")
+    if not 1 <= n <= have:
+        raise ValueError(f"subject {subject} has {have} NSD sessions; n_sessions={n_sessions} is not possible "
+                         f"(use 1-{have}; the paper used 37).")
     return n
 
+# %% ../nbs/00_nsd_data.ipynb #7340099b
 def trial_images(root, subject:int, n_sessions:int) -> pd.DataFrame:
     "One row per trial of sessions 1..n_sessions: session, 0-based 73k id, and whether it is a shared (test) trial."
     d, tps = read_expdesign(root), load_manifest()["nsd"]["trials_per_session"]
@@ -352,18 +392,22 @@ def read_ctab(path) -> dict:
     out = {}
     for line in _need(path, "an atlas name table").read_text().splitlines():
         parts = line.split()
-        if len(parts) >= 2 and not line.lstrip().startswith("#") and parts[0].lstrip("-").isdigit(): out[parts[1]] = int(parts[0])
+        if len(parts) >= 2 and not line.lstrip().startswith("#") and parts[0].lstrip("-").isdigit():
+            out[parts[1]] = int(parts[0])
     return out
 
+# %% ../nbs/00_nsd_data.ipynb #9ea1a8f6
 def roi_voxels(root, subject:int, rois:str="paper") -> tuple:
     "Selected voxels as (ijk [n, 3] in the NIfTI (X, Y, Z) grid, group name per voxel, grid shape)."
     spec = load_manifest()["rois"].get(rois)
-    if spec is None: raise ValueError(f"unknown rois={rois!r}: choose one of {list(load_manifest()['rois'])} (data_manifest.yaml).")
+    if spec is None: raise ValueError(f"unknown rois={rois!r}: choose one of {list(load_manifest()['rois'])} "
+                                      f"(data_manifest.yaml).")
     merged, shape = None, None
     for atlas in spec["atlases"]:
         p = _need(nsd_path(root, "roi", subject=subject, atlas=atlas), f"ROI atlas {atlas}")
         try: vol = np.asarray(nib.load(p).dataobj).astype(np.int64)
-        except Exception as e: raise ValueError(f"{p} cannot be read ({e}): it is truncated or corrupt; download it again.") from e
+        except Exception as e: raise ValueError(f"{p} cannot be read ({e}): "
+                                                f"it is truncated or corrupt; download it again.") from e
         names = {n.lower(): v for n, v in read_ctab(nsd_path(root, "ctab", atlas=atlas)).items()}
         named = np.full(vol.shape, "", dtype=object)
         for n, v in names.items(): named[vol == v] = n
@@ -375,21 +419,25 @@ def roi_voxels(root, subject:int, rois:str="paper") -> tuple:
         zyx = np.argwhere(mask.transpose(2, 1, 0))                 # betas' (Z, Y, X) order
         ijk.append(zyx[:, ::-1]); group += [g]*len(zyx)
     ijk = np.concatenate(ijk).astype(np.int64)
-    if not len(ijk): raise ValueError(f"no voxels selected for rois={rois!r} in subject {subject}: check the atlas files under {root}.")
+    if not len(ijk): raise ValueError(f"no voxels selected for rois={rois!r} in subject {subject}: "
+                                      f"check the atlas files under {root}.")
     return ijk, np.array(group), shape
 
 # %% ../nbs/00_nsd_data.ipynb #9a38ce28
 def read_session(root, subject:int, session:int, ijk:np.ndarray, grid:tuple, slab:int=8) -> np.ndarray:
     "Betas of one session at voxels `ijk`, in % signal change, float32 (750, n_voxels)."
-    p = _need(nsd_path(root, "betas", subject=subject, session=session), f"betas of subject {subject} session {session}")
+    p = _need(nsd_path(root, "betas", subject=subject, session=session),
+              f"betas of subject {subject} session {session}")
     man = load_manifest()["nsd"]
     try: f = h5py.File(p, "r")
-    except OSError as e: raise ValueError(f"{p} cannot be opened ({e}): it is truncated or corrupt; download it again.") from e
+    except OSError as e: raise ValueError(f"{p} cannot be opened ({e}): "
+                                          f"it is truncated or corrupt; download it again.") from e
     with f:
         if "betas" not in f: raise ValueError(f"{p} has no /betas dataset: not an NSD betas file.")
         b = f["betas"]
         want = (man["trials_per_session"], *grid[::-1])
-        if b.shape != want: raise ValueError(f"{p} has shape {b.shape}, expected {want} (750 trials x the subject's Z, Y, X grid {grid}).")
+        if b.shape != want: raise ValueError(f"{p} has shape {b.shape}, expected {want} "
+                                             f"(750 trials x the subject's Z, Y, X grid {grid}).")
         out = np.empty((want[0], len(ijk)), np.float32)
         for z0 in range(0, want[1], slab):
             sel = np.nonzero((ijk[:, 2] >= z0) & (ijk[:, 2] < z0 + slab))[0]
@@ -398,6 +446,7 @@ def read_session(root, subject:int, session:int, ijk:np.ndarray, grid:tuple, sla
             out[:, sel] = block[:, ijk[sel, 2] - z0, ijk[sel, 1], ijk[sel, 0]]
     return out/man["beta_scale"]
 
+# %% ../nbs/00_nsd_data.ipynb #492dea64
 def zscore_session(x:np.ndarray) -> np.ndarray:
     "z-score each column over trials; a constant column becomes 0."
     sd = x.std(0)
@@ -406,6 +455,7 @@ def zscore_session(x:np.ndarray) -> np.ndarray:
 # %% ../nbs/00_nsd_data.ipynb #9fda40d3
 def _params_key(**kw) -> str: return json.dumps(kw, sort_keys=True, default=str)
 
+# %% ../nbs/00_nsd_data.ipynb #f2878d57
 def build_fmri(data_root=None, # NSD root (see `resolve_data_root`)
                subject:int=1, # NSD subject
                out_dir="runs", # artifacts folder
@@ -418,7 +468,8 @@ def build_fmri(data_root=None, # NSD root (see `resolve_data_root`)
     root = resolve_data_root(data_root, out_dir, seed)
     n = check_subject(root, subject, n_sessions)
     ijk, group, grid = roi_voxels(root, subject, rois)
-    for sess in range(1, n + 1): _need(nsd_path(root, "betas", subject=subject, session=sess), f"betas of subject {subject} session {sess}")
+    for sess in range(1, n + 1):
+        _need(nsd_path(root, "betas", subject=subject, session=sess), f"betas of subject {subject} session {sess}")
     trials = trial_images(root, subject, n)
     d = subject_dir(out_dir, subject); out = artifact_path(out_dir, subject, "fmri")
     key = _params_key(data_root=str(root.resolve()), subject=int(subject), n_sessions=n, rois=rois)
@@ -449,11 +500,13 @@ def build_fmri(data_root=None, # NSD root (see `resolve_data_root`)
             f.create_dataset(f"{split}/nsd_id", data=ids[sel].astype(np.int64))
             f.create_dataset(f"{split}/n_trials", data=counts[sel].astype(np.int64))
         f.create_dataset("voxels/ijk", data=ijk); f.create_dataset("voxels/roi", data=group.astype("S"))
-        f["train/fmri"].attrs["units"] = f["test/fmri"].attrs["units"] = "z-score of % signal change within session, averaged over repetitions"
+        f["train/fmri"].attrs["units"] = f["test/fmri"].attrs["units"] = \
+            "z-score of % signal change within session, averaged over repetitions"
         f.attrs.update(params=key, subject=int(subject), data_root=str(root.resolve()), n_sessions=n, rois=rois,
                        synthetic=is_synthetic(root), grid=np.array(grid), beta_version="betas_fithrf_GLMdenoise_RR")
     return out
 
+# %% ../nbs/00_nsd_data.ipynb #cd959e65
 def load_fmri(out_dir, subject:int) -> dict:
     "Read `fmri.h5` back (an error says to run 00_nsd_data if it is missing)."
     p = require(out_dir, subject, "fmri")
@@ -471,7 +524,8 @@ def read_images(root, # NSD root
     "Stimuli by 73k id as uint8 (n, H, W, 3), in the order asked."
     ids = np.asarray(nsd_ids, np.int64)
     n_img = load_manifest()["nsd"]["n_images"]
-    if ids.size and (ids.min() < 0 or ids.max() >= n_img): raise ValueError(f"73k ids must be in 0..{n_img - 1}; got {ids.min()}..{ids.max()}.")
+    if ids.size and (ids.min() < 0 or ids.max() >= n_img):
+        raise ValueError(f"73k ids must be in 0..{n_img - 1}; got {ids.min()}..{ids.max()}.")
     uniq, inv = np.unique(ids, return_inverse=True)
     p = _need(nsd_path(root, "stimuli"), "NSD's stimuli (nsd_stimuli.hdf5)")
     s = size or load_manifest()["nsd"]["image_size"]
@@ -484,16 +538,20 @@ def read_images(root, # NSD root
                 out[a + i] = im if size is None else np.asarray(Image.fromarray(im).resize((s, s), Image.BICUBIC))
     return out[inv]
 
+# %% ../nbs/00_nsd_data.ipynb #5350868d
 @functools.lru_cache(maxsize=4)
 def _caption_index(path:str) -> dict:
     idx = {}
-    for a in json.loads(Path(path).read_text())["annotations"]: idx.setdefault(a["image_id"], []).append(a["caption"].strip())
+    for a in json.loads(Path(path).read_text())["annotations"]:
+        idx.setdefault(a["image_id"], []).append(a["caption"].strip())
     return idx
 
+# %% ../nbs/00_nsd_data.ipynb #9e98bdc1
 @functools.lru_cache(maxsize=2)
 def _stim_info(path:str) -> pd.DataFrame:
     return pd.read_csv(path, usecols=["nsdId", "cocoId", "cocoSplit"]).set_index("nsdId")
 
+# %% ../nbs/00_nsd_data.ipynb #f054a2c9
 def read_captions(root, # NSD root
                   nsd_ids # 0-based 73k ids
                  ) -> list:
@@ -504,6 +562,7 @@ def read_captions(root, # NSD root
     for i in np.asarray(nsd_ids, np.int64):
         coco, split = info.loc[int(i), "cocoId"], info.loc[int(i), "cocoSplit"]
         caps = _caption_index(str(_need(nsd_path(root, "captions", split=split), f"COCO captions {split}")))
-        if int(coco) not in caps: raise KeyError(f"no captions for 73k id {i} (COCO {coco}, {split}): is the annotation file complete?")
+        if int(coco) not in caps: raise KeyError(f"no captions for 73k id {i} (COCO {coco}, {split}): "
+                                                 f"is the annotation file complete?")
         out.append(caps[int(coco)][:k])
     return out

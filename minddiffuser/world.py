@@ -30,7 +30,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from .artifacts import atomic_write
 from .features import FEATURE_CFG, caption_embeddings, clip_preprocess, images_to_tensor
 from .models import MODEL_CFG, _seeded, clip_bpe_tokenizer, world_paths
-from .nsd_data import COLOURS, SHAPES, load_manifest, random_scene, render_scene, resolve_out_dir, scene_captions
+from .nsd_data import (COLOURS, SHAPES, load_manifest, random_scene, render_scene, resolve_out_dir,
+                                   scene_captions)
 from .stage1 import STAGE1, Stage1Config, ddim_img2img, decode_latents, to_uint8, uncond_embedding
 
 # %% ../nbs/01b_world.ipynb #092b896c
@@ -39,7 +40,7 @@ class WorldConfig:
     "The trained world: its image size, the four networks' configs and how each is trained; every number in one place."
     image_size: int = 64  # side of the world's images; the VAE's sample_size, so 01 encodes stimuli at this side
     seed: int = 0  # seed of the training scenes, the initial weights and the batches
-    scene_stream: int = 2_000_003  # training scenes come from SeedSequence([seed, scene_stream, k]); the synthetic NSD never uses it
+    scene_stream: int = 2_000_003  # scenes from SeedSequence([seed, scene_stream, k]); the synthetic NSD never uses it
     n_scenes: int = 24_000  # training scenes (rendered once at NSD's 425 px, resized bicubic to image_size as 01 does)
     n_held_out: int = 256  # held-out scenes (the next ones of the stream) for the reported figures
     vae: dict = field(default_factory=lambda: dict(
@@ -82,6 +83,7 @@ WORLD_CFG = WorldConfig()
 def _scene_rng(cfg:WorldConfig, k:int, part:int=0) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, cfg.scene_stream, int(k), part])
 
+# %% ../nbs/01b_world.ipynb #f9087a67
 def world_scenes(
     n:int,  # how many scenes
     start:int=0,  # index of the first scene in the world's stream (training: 0..n_scenes-1, held out: after)
@@ -91,17 +93,21 @@ def world_scenes(
     "Scenes of the synthetic NSD's kind from the world's own seed stream, rendered as 01 sees NSD's stimuli."
     big = load_manifest()["nsd"]["image_size"]
     scenes = [random_scene(_scene_rng(cfg, start + k)) for k in range(n)]
-    images = np.stack([np.asarray(Image.fromarray(render_scene(s, big)).resize((cfg.image_size,) * 2, Image.Resampling.BICUBIC))
+    images = np.stack([np.asarray(Image.fromarray(render_scene(s, big))
+                                  .resize((cfg.image_size,) * 2, Image.Resampling.BICUBIC))
                        for s in tqdm(scenes, desc="world scenes", disable=not progress, leave=False)])
     captions = [scene_captions(s, _scene_rng(cfg, start + k, 1), 5) for k, s in enumerate(scenes)]
     return images, scenes, captions
 
 # %% ../nbs/01b_world.ipynb #abba060f
 def _cosine(opt, steps:int, warmup:int=0):
-    f = lambda s: min(1, (s + 1) / warmup) if warmup and s < warmup else .5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+    f = lambda s: (min(1, (s + 1) / warmup) if warmup and s < warmup
+                   else .5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
-def _train(step_fn, params, steps:int, lr:float, warmup:int, desc:str, progress:bool, log_every:int=50, wd:float=0.0) -> dict:
+# %% ../nbs/01b_world.ipynb #1fd8fc30
+def _train(step_fn, params, steps:int, lr:float, warmup:int, desc:str, progress:bool, log_every:int=50,
+           wd:float=0.0) -> dict:
     "The training loop every network shares: AdamW, warm-up and cosine decay, a progress bar, a loss record."
     log_every = max(1, min(log_every, steps // 10))  # ten windows at least, so a short run shows its trend
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
@@ -121,9 +127,9 @@ def train_vae(
     images:np.ndarray,  # uint8 training images (n, S, S, 3)
     cfg:WorldConfig=WORLD_CFG,  # architecture, steps, batch, learning rate, loss weights
     progress:bool=True,  # progress bar
-    device:str="cpu",  # where it trains ("cuda" on a GPU); the batches are drawn on the CPU either way, and it returns on the CPU
+    device:str="cpu",  # where it trains ("cuda" on a GPU); batches are drawn, and it returns, on the CPU either way
 ) -> tuple:  # (AutoencoderKL with its scaling factor set, training record)
-    "Train the world's `AutoencoderKL` on whole images (MSE + L1 + KL), then set its scaling factor to 1/std of the latents."
+    "Train the world's `AutoencoderKL` on whole images (MSE + L1 + KL), then set its scaling factor to 1/latent std."
     vae = _seeded(cfg.seed + 1, lambda: AutoencoderKL(**cfg.vae)).to(device).train()
     x = images_to_tensor(images) * 2 - 1
     g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -134,7 +140,8 @@ def train_vae(
         return F.mse_loss(rec, xb) + cfg.vae_l1 * F.l1_loss(rec, xb) + cfg.vae_kl * post.kl().mean()
     record = _train(step, list(vae.parameters()), cfg.vae_steps, cfg.vae_lr, 0, "world VAE", progress)
     vae.eval().requires_grad_(False)
-    with torch.no_grad(): std = torch.cat([vae.encode(xb.to(device)).latent_dist.mean for xb in x[:2048].split(256)]).std()
+    with torch.no_grad():
+        std = torch.cat([vae.encode(xb.to(device)).latent_dist.mean for xb in x[:2048].split(256)]).std()
     vae.register_to_config(scaling_factor=round(1 / float(std), 5))
     return vae.cpu(), record | dict(scaling_factor=vae.config.scaling_factor)
 
@@ -142,6 +149,7 @@ def train_vae(
 def _tokens(tokenizer, texts:list, max_length:int) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
 
+# %% ../nbs/01b_world.ipynb #1bf6cfbd
 def train_denoiser(
     vae:AutoencoderKL,  # the trained autoencoder (encodes the images once)
     images:np.ndarray,  # uint8 training images (n, S, S, 3)
@@ -150,15 +158,17 @@ def train_denoiser(
     progress:bool=True,  # progress bar
     device:str="cpu",  # where it trains; the batches are drawn on the CPU either way, and it returns on the CPU
 ) -> tuple:  # (tokenizer, CLIPTextModel, UNet2DConditionModel, training record)
-    "Train a `CLIPTextModel` and a `UNet2DConditionModel` together as a latent diffusion model under SD's noise schedule."
-    tokenizer = clip_bpe_tokenizer(cfg.max_length)  # the world pads to the 15 tokens 01 encodes: diffusers pipelines pad to this
+    "Train a `CLIPTextModel` and a `UNet2DConditionModel` together: a latent diffusion model under SD's noise schedule."
+    tokenizer = clip_bpe_tokenizer(cfg.max_length)  # the world pads to the 15 tokens 01 encodes:
+                                                    # diffusers pipelines pad to this
     te = _seeded(cfg.seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**cfg.text_encoder))).to(device).train()
     unet = _seeded(cfg.seed + 3, lambda: UNet2DConditionModel(**cfg.unet)).to(device).train()
     sched = DDIMScheduler(**MODEL_CFG.ddim)
     with torch.no_grad():
         enc = copy.deepcopy(vae).to(device)
         post = [enc.encode(xb.to(device)).latent_dist for xb in (images_to_tensor(images) * 2 - 1).split(256)]
-    mean, std, sf = torch.cat([p.mean for p in post]).cpu(), torch.cat([p.std for p in post]).cpu(), vae.config.scaling_factor
+    mean, std, sf = (torch.cat([p.mean for p in post]).cpu(), torch.cat([p.std for p in post]).cpu(),
+                     vae.config.scaling_factor)
     ids = _tokens(tokenizer, [c for cs in captions for c in cs[:5]], cfg.max_length).view(len(captions), 5, -1)
     empty = _tokens(tokenizer, [""], cfg.max_length).to(device)
     g = torch.Generator().manual_seed(cfg.seed + 3)
@@ -177,7 +187,8 @@ def train_denoiser(
         noise = torch.randn(z0.shape, generator=g).to(device)
         return F.mse_loss(unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=emb).sample, noise)
     params = list(te.parameters()) + list(unet.parameters())
-    record = _train(step, params, cfg.unet_steps, cfg.unet_lr, cfg.warmup, "world U-Net + text encoder", progress, wd=0.01)
+    record = _train(step, params, cfg.unet_steps, cfg.unet_lr, cfg.warmup, "world U-Net + text encoder",
+                    progress, wd=0.01)
     return tokenizer, te.cpu().eval().requires_grad_(False), unet.cpu().eval().requires_grad_(False), record
 
 # %% ../nbs/01b_world.ipynb #75fc0d56
@@ -198,9 +209,11 @@ def train_clip(
         i = torch.randint(len(x), (cfg.clip_batch,), generator=g)
         j = torch.randint(5, (len(i),), generator=g)
         text = tok([captions[a][b] for a, b in zip(i.tolist(), j.tolist())])
-        img_f, txt_f, scale = model(clip_preprocess(x[i].to(device), FEATURE_CFG.clip_interpolation), text.to(device))[:3]
+        img_f, txt_f, scale = model(clip_preprocess(x[i].to(device), FEATURE_CFG.clip_interpolation),
+                                    text.to(device))[:3]
         return loss_fn(img_f, txt_f, scale)
-    record = _train(step, list(model.parameters()), cfg.clip_steps, cfg.clip_lr, cfg.warmup, "world CLIP", progress, wd=0.1)
+    record = _train(step, list(model.parameters()), cfg.clip_steps, cfg.clip_lr, cfg.warmup, "world CLIP",
+                    progress, wd=0.1)
     return model.cpu().eval().requires_grad_(False), record
 
 # %% ../nbs/01b_world.ipynb #67365432
@@ -214,6 +227,7 @@ def _atomic_dir(folder:Path, write):
     tmp.rename(folder); shutil.rmtree(old, ignore_errors=True)
     return folder
 
+# %% ../nbs/01b_world.ipynb #f673d348
 def save_world(
     folder,  # destination: gets sd/ (a diffusers Stable Diffusion folder), clip/ (open_clip) and WORLD.json
     vae, tokenizer, text_encoder, unet,  # the trained Stable Diffusion parts
@@ -221,17 +235,20 @@ def save_world(
     record:dict,  # the training record
     cfg:WorldConfig=WORLD_CFG,  # dtype on disk and CLIP's config
 ) -> tuple:  # (sd folder, clip checkpoint file), for `load_models(models=..., clip_model=...)`
-    "Write the world in the formats real weights come in: a diffusers SD folder and an open_clip checkpoint with its config."
+    "Write the world in real weights' formats: a diffusers SD folder and an open_clip checkpoint with its config."
     dt = getattr(torch, cfg.dtype)
     def write(tmp):
         parts = {k: copy.deepcopy(v).to(dt) for k, v in dict(vae=vae, text_encoder=text_encoder, unet=unet).items()}
         sd, ck = world_paths(tmp)
-        StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=PNDMScheduler(**MODEL_CFG.sd_scheduler), safety_checker=None,
-                                feature_extractor=None, requires_safety_checker=False).save_pretrained(sd, safe_serialization=True)
+        StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=PNDMScheduler(**MODEL_CFG.sd_scheduler),
+                                safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(sd, safe_serialization=True)
         ck.parent.mkdir()
         torch.save({k: v.to(dt) for k, v in clip_model.state_dict().items()}, ck)
-        pre = dict(mean=list(FEATURE_CFG.clip_mean), std=list(FEATURE_CFG.clip_std), interpolation=FEATURE_CFG.clip_interpolation, resize_mode="squash")
-        (ck.parent/"open_clip_config.json").write_text(json.dumps(dict(model_cfg=cfg.clip, preprocess_cfg=pre), indent=1))
+        pre = dict(mean=list(FEATURE_CFG.clip_mean), std=list(FEATURE_CFG.clip_std),
+                   interpolation=FEATURE_CFG.clip_interpolation, resize_mode="squash")
+        (ck.parent/"open_clip_config.json").write_text(json.dumps(dict(model_cfg=cfg.clip, preprocess_cfg=pre),
+                                                                  indent=1))
         (tmp/"WORLD.json").write_text(json.dumps(record, indent=1))
     folder = _atomic_dir(folder, write)
     return world_paths(folder)
@@ -241,12 +258,13 @@ def _device_name(device) -> str:
     d = torch.device(device)
     return torch.cuda.get_device_name(d) if d.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
+# %% ../nbs/01b_world.ipynb #ea10ade0
 def train_world(
     out=None,  # where the world is written; None: runs/world (the shipped copy lives in the package's world/)
     cfg:WorldConfig=WORLD_CFG,  # everything about the world
     work=None,  # folder for the finished networks between steps (resumes there); None: <out>.work
     progress:bool=True,  # progress bars
-    device:str="cpu",  # where the networks train: "cuda" trains the shipped settings in minutes, two CPU cores take hours
+    device:str="cpu",  # where the networks train: "cuda" trains the shipped settings in minutes, 2 CPU cores take hours
 ) -> tuple:  # (sd folder, clip checkpoint file)
     "Train the world from its seed: scenes, VAE, U-Net with text encoder, CLIP; each network kept as it finishes."
     out = Path(out) if out is not None else resolve_out_dir("runs")/"world"
@@ -264,10 +282,12 @@ def train_world(
         with atomic_write(p) as tmp: torch.save(result, tmp)
         return result
     vae, r_vae = stage("vae", lambda: train_vae(images, cfg, progress, device))
-    tokenizer, te, unet, r_unet = stage("denoiser", lambda: train_denoiser(vae, images, captions, cfg, progress, device))
+    tokenizer, te, unet, r_unet = stage("denoiser",
+                                        lambda: train_denoiser(vae, images, captions, cfg, progress, device))
     clip_model, r_clip = stage("clip", lambda: train_clip(images, captions, cfg, progress, device))
     record = dict(settings=settings, vae=r_vae, denoiser=r_unet, clip=r_clip, torch=torch.__version__,
-                  threads=torch.get_num_threads(), device=_device_name(device), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                  threads=torch.get_num_threads(), device=_device_name(device),
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     paths = save_world(out, vae, tokenizer, te, unet, clip_model, record, cfg)
     shutil.rmtree(work)
     return paths
@@ -276,7 +296,7 @@ def train_world(
 @dataclass(frozen=True)
 class JudgeConfig:
     "How generated images are judged and the world's claims measured: every number in one place."
-    tol: float = 90.0  # RGB distance within which a pixel takes a palette colour (and nearer to it than to the background)
+    tol: float = 90.0  # RGB distance within which a pixel takes a palette colour (and nearer to it than the background)
     min_area: float = 0.005  # smallest share of pixels that counts as an object
     angle_step: int = 10  # degrees between the rotated templates of a kind
     n_held_out: int = 64  # held-out scenes for the VAE's PSNR and img2img
@@ -287,7 +307,8 @@ class JudgeConfig:
     n_boot: int = 2000  # bootstrap resamples of the intervals
 
 JUDGE_CFG = JudgeConfig()
-SHAPE_AREA = {"circle": math.pi, "square": 4.0, "triangle": 2.2, "bar": 1.96}  # area / r^2 of 00's shapes (r = size * side / 2)
+# area / r^2 of 00's shapes (r = size * side / 2)
+SHAPE_AREA = {"circle": math.pi, "square": 4.0, "triangle": 2.2, "bar": 1.96}
 
 # %% ../nbs/01b_world.ipynb #86c966cf
 def colour_masks(image:np.ndarray, cfg:JudgeConfig=JUDGE_CFG) -> dict:  # {colour: (S, S) bool}
@@ -301,6 +322,7 @@ def colour_masks(image:np.ndarray, cfg:JudgeConfig=JUDGE_CFG) -> dict:  # {colou
         out[name] = (d < cfg.tol) & (d < d_bg)
     return out
 
+# %% ../nbs/01b_world.ipynb #144b6a33
 def _template(kind:str, area:float, angle:float, side:int) -> np.ndarray:
     size = 2 * math.sqrt(area / SHAPE_AREA[kind]) / side
     obj = dict(shape=kind, colour="red", x=.5, y=.5, size=size, angle=angle)
@@ -317,7 +339,8 @@ def judge(image:np.ndarray, cfg:JudgeConfig=JUDGE_CFG) -> dict:
     masks = colour_masks(image, cfg)
     colour, mask = max(masks.items(), key=lambda kv: kv[1].sum())
     area = int(mask.sum())
-    if area < cfg.min_area * side * side: return dict(colour=None, kind=None, x=np.nan, y=np.nan, area=area / side**2, iou=0.0)
+    if area < cfg.min_area * side * side:
+        return dict(colour=None, kind=None, x=np.nan, y=np.nan, area=area / side**2, iou=0.0)
     ys, xs = np.nonzero(mask)
     ious = {}
     for kind in SHAPE_AREA:
@@ -325,7 +348,8 @@ def judge(image:np.ndarray, cfg:JudgeConfig=JUDGE_CFG) -> dict:
         t = [_shift_to(_template(kind, area, a, side), ys.mean(), xs.mean()) for a in angles]
         ious[kind] = max(float((m & mask).sum() / (m | mask).sum()) for m in t)
     kind = max(ious, key=ious.get)
-    return dict(colour=colour, kind=kind, x=(xs.mean() + .5) / side, y=(ys.mean() + .5) / side, area=area / side**2, iou=ious[kind])
+    return dict(colour=colour, kind=kind, x=(xs.mean() + .5) / side, y=(ys.mean() + .5) / side,
+                area=area / side**2, iou=ious[kind])
 
 # %% ../nbs/01b_world.ipynb #ba30518d
 def wilson(k:int, n:int, z:float=1.959964) -> tuple:
@@ -335,6 +359,7 @@ def wilson(k:int, n:int, z:float=1.959964) -> tuple:
     c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return (p, max(0.0, c - h), min(1.0, c + h))
 
+# %% ../nbs/01b_world.ipynb #32396f10
 def boot(values, stat=np.mean, cfg:JudgeConfig=JUDGE_CFG) -> tuple:
     "A statistic of values with its 95% percentile-bootstrap interval."
     x = np.asarray(values, np.float64); x = x[np.isfinite(x)]
@@ -372,9 +397,11 @@ def text_to_image(
                generator=gens, output_type="np").images
     return (out * 255).round().astype(np.uint8)
 
+# %% ../nbs/01b_world.ipynb #f0231dc4
 def generation_check(images:np.ndarray, wanted:list, cfg:JudgeConfig=JUDGE_CFG) -> pd.DataFrame:
     "Per image: the (colour, kind) asked for, what the judge sees, and whether both match."
-    rows = [dict(colour=c, kind=k, **{f"seen_{a}": v for a, v in judge(im, cfg).items()}) for im, (c, k) in zip(images, wanted)]
+    rows = [dict(colour=c, kind=k, **{f"seen_{a}": v for a, v in judge(im, cfg).items()})
+            for im, (c, k) in zip(images, wanted)]
     t = pd.DataFrame(rows)
     return t.assign(colour_ok=t.colour == t.seen_colour, kind_ok=t.kind == t.seen_kind,
                     both_ok=(t.colour == t.seen_colour) & (t.kind == t.seen_kind))
@@ -383,7 +410,7 @@ def generation_check(images:np.ndarray, wanted:list, cfg:JudgeConfig=JUDGE_CFG) 
 @torch.no_grad()
 def img2img_check(m, images:np.ndarray, scenes:list, captions:list, s1:Stage1Config=STAGE1, seed:int=0,
                   cfg:JudgeConfig=JUDGE_CFG) -> pd.DataFrame:
-    "Per single-object scene: the img2img result's judged centre, its error (px) and the error to another scene's centre."
+    "Per single-object scene: the img2img result's judged centre, its error (px) and that to another scene's centre."
     keep = [k for k, s in enumerate(scenes) if len(s["objects"]) == 1]
     x = images_to_tensor(images[keep], m.vae.config.sample_size)
     z = m.vae.encode(x * 2 - 1).latent_dist.mean * m.vae.config.scaling_factor
@@ -406,14 +433,18 @@ def world_main(argv=None):
     ap = argparse.ArgumentParser(prog="minddiffuser world", description="The trained tiny world (chapter 01b).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the world's networks from the seed and write them")
-    t.add_argument("--out", default=None, help="folder to write (default runs/world; the shipped world is the package's world/)")
+    t.add_argument("--out", default=None,
+                   help="folder to write (default runs/world; the shipped world is the package's world/)")
     t.add_argument("--seed", type=int, default=WORLD_CFG.seed, help="seed of scenes, weights and batches")
-    t.add_argument("--steps-scale", type=float, default=1.0, help="scale every network's training steps (e.g. 0.1 for a quick try)")
+    t.add_argument("--steps-scale", type=float, default=1.0,
+                   help="scale every network's training steps (e.g. 0.1 for a quick try)")
     t.add_argument("--n-scenes", type=int, default=WORLD_CFG.n_scenes, help="training scenes")
-    t.add_argument("--device", default="auto", help="where to train: auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1 ...")
+    t.add_argument("--device", default="auto",
+                   help="where to train: auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1 ...")
     a = ap.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available(): ap.error(f"--device {a.device}: no GPU is visible here; use --device cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: no GPU is visible here; use --device cpu")
     if a.steps_scale <= 0 or a.n_scenes < 1: ap.error("--steps-scale must be > 0 and --n-scenes >= 1")
     steps = {k: max(1, round(getattr(WORLD_CFG, k) * a.steps_scale)) for k in ("vae_steps", "unet_steps", "clip_steps")}
     cfg = replace(WORLD_CFG, seed=a.seed, n_scenes=a.n_scenes, warmup=min(WORLD_CFG.warmup, *steps.values()), **steps)
