@@ -221,11 +221,13 @@ def wait(
 # %% ../nbs/04b_cluster.ipynb #35cd999b
 def _threads(cpus:int) -> int: return max(1, min(int(cpus), len(os.sched_getaffinity(0))))
 
+# %% ../nbs/04b_cluster.ipynb #02d61751
 def _stage2_job(kw:dict, cpus:int) -> list:
     "One shard, in the job's process: chapter 04's `reconstruct`."
     torch.set_num_threads(_threads(cpus))
     return [f.name for f in reconstruct(**kw, progress=False)]
 
+# %% ../nbs/04b_cluster.ipynb #555d8fa1
 def _probe_job(kw:dict, cpus:int) -> Estimate:
     torch.set_num_threads(_threads(cpus))
     return probe_stage2(**kw)

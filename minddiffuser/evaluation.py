@@ -212,6 +212,7 @@ def to_tensor(images:np.ndarray) -> torch.Tensor:  # (n, 3, H, W) float64 in [0,
     "uint8 RGB images (n, H, W, 3) as a float64 tensor in [0, 1], channels first."
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).double() / 255
 
+# %% ../nbs/05_eval.ipynb #e7fd0dc1
 def resize(x:torch.Tensor, size:int, mode:str="bilinear") -> torch.Tensor:
     "Resize (n, 3, H, W) images in [0, 1] to size x size with antialiasing, clamped to [0, 1]; unchanged if already."
     if x.shape[-2:] == (size, size): return x
@@ -266,6 +267,7 @@ def corr_distance(gt, rec) -> np.ndarray:  # (n,)
     "1 - Pearson r of each pair's features."
     return 1 - (_unit_rows(gt) * _unit_rows(rec)).sum(1)
 
+# %% ../nbs/05_eval.ipynb #75faf9d8
 def cosine(gt, rec) -> np.ndarray:  # (n,)
     "Cosine similarity of each pair's features."
     a, b = np.asarray(gt, np.float64), np.asarray(rec, np.float64)

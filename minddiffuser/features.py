@@ -221,6 +221,7 @@ def _settings(m, seed, cfg, attrs) -> dict:
          "clip_layers": list(cfg.clip_layers), **(attrs or {})}
     return json.loads(json.dumps(s))  # as it reads back from the file (tuples become lists)
 
+# %% ../nbs/01_features.ipynb #dc46d7a4
 def _h5_attr(v):
     return json.dumps(v) if isinstance(v, (dict, type(None))) else list(v) if isinstance(v, tuple) else v
 

@@ -4,11 +4,13 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'VAR_EPS', 'SOLVE_MEM_GB', 'RidgeConfig', 'ridge_config', 'resolve_device', 'Design', 'select_voxels',
-           'solve_selected', 'L2LiR', 'check_n_feat', 'fit_l2lir', 'zscore_stats', 'normalise_fmri', 'CVFolds',
-           'pearson_r', 'cv_scores', 'top_dims']
+           'solve_selected', 'L2LiR', 'check_n_feat', 'fit_l2lir', 'fastl2lir_predict', 'zscore_stats',
+           'normalise_fmri', 'CVFolds', 'pearson_r', 'cv_scores', 'top_dims']
 
 # %% ../nbs/02_ridge.ipynb #c632da2c
+import contextlib
 import functools
+import io
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -416,6 +418,19 @@ def fit_l2lir(X, # training fMRI (samples, voxels), or a `Design` built from it
         W = solve_selected(design, S, B.T.gather(1, S), alpha, mode, mem_gb)
         idx[sl], w[sl], b[sl] = S[:, :-1], W[:, :-1], W[:, -1]
     return L2LiR(w, b, idx, design.d)
+
+# %% ../nbs/02_ridge.ipynb #42b2b530
+def fastl2lir_predict(X, # training fMRI (samples, voxels)
+                      Y, # training targets (samples, outputs)
+                      Xt, # fMRI to predict from
+                      alpha:float, # ridge penalty
+                      n_feat:int # voxels per output (0: all)
+                     ) -> np.ndarray:
+    "The trusted peer: the installed `fastl2lir` fit on (X, Y), predicting Xt, its warnings and progress bar silenced."
+    import fastl2lir  # a development requirement, needed only by the tests
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return fastl2lir.FastL2LiR().fit(X, Y, alpha=alpha, n_feat=n_feat).predict(Xt)
 
 # %% ../nbs/02_ridge.ipynb #c591f235
 def zscore_stats(a, # (samples, dims)

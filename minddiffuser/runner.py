@@ -34,17 +34,18 @@ from .stage2 import (STAGE2_CFG, Stage2Config, Stage2Loss, iteration_noise, laye
 HISTORY = ("loss", "structure", "embed", "lr")  # columns of the per-iteration record
 RESULT_FREE = ("n_iters", "state_every", "checkpoint")  # settings that do not change an image's trajectory
 
+# %% ../nbs/04a_runner.ipynb #fbbf5b9a
 def save_png(path:Path, image:torch.Tensor):
     "Write an image (3, H, W) in [0, 1] as an 8-bit PNG, atomically."
     a = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     with atomic_write(path) as t: Image.fromarray(a).save(t, format="PNG")
 
+# %% ../nbs/04a_runner.ipynb #68a1766b
 def _strip(s:dict) -> dict:
     out = json.loads(json.dumps(s, default=str))
     out["stage2"] = {k: v for k, v in out.get("stage2", {}).items() if k not in RESULT_FREE}
     return out
 
-# %% ../nbs/04a_runner.ipynb #68a1766b
 def check_settings(
     folder:Path,  # the image folder
     old:dict,  # settings recorded there

@@ -328,6 +328,7 @@ def _template(kind:str, area:float, angle:float, side:int) -> np.ndarray:
     obj = dict(shape=kind, colour="red", x=.5, y=.5, size=size, angle=angle)
     return render_scene(dict(background=[0, 0, 0], objects=[obj]), side)[..., 0] > 0
 
+# %% ../nbs/01b_world.ipynb #4ac87d62
 def _shift_to(mask:np.ndarray, cy:float, cx:float) -> np.ndarray:
     ys, xs = np.nonzero(mask)
     return np.roll(mask, (round(cy - ys.mean()), round(cx - xs.mean())), (0, 1)) if len(ys) else mask

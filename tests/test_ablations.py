@@ -21,7 +21,7 @@ def m():
     return load_models("tiny", "tiny", device="cpu", seed=0)
 
 
-def make_decoded(out_dir, m, root, n=2, size=8):
+def tree_decoded(out_dir, m, root, n=2, size=8):
     "A decoded.h5 for the first test images of the synthetic tree: their own CLIP features as targets, a c accuracy."
     ids = np.sort(read_expdesign(root)["sharedix"] - 1)[:n]
     path = plant_targets(write_fake_decoded(subject_dir(out_dir, 1) / "decoded.h5", m, ids, latent_size=size), m,
@@ -31,7 +31,7 @@ def make_decoded(out_dir, m, root, n=2, size=8):
 
 
 def test_configs_parameter_runs_full_and_the_chosen(tmp_path, m, synth_root):
-    dec, ids = make_decoded(tmp_path, m, synth_root)
+    dec, ids = tree_decoded(tmp_path, m, synth_root)
     done = run_ablations(1, synth_root, tmp_path, configs="takagi", progress=False)
     assert list(done) == ["full", "takagi"]
     assert sorted(p.name for p in (dec.parent / "ablations").iterdir()) == ["full", "takagi"]
@@ -42,7 +42,7 @@ def test_configs_parameter_runs_full_and_the_chosen(tmp_path, m, synth_root):
 
 def test_papermill_runs_the_chapter_alone(tmp_path, m, synth_root):
     pm = pytest.importorskip("papermill")
-    dec, ids = make_decoded(tmp_path, m, synth_root)
+    dec, ids = tree_decoded(tmp_path, m, synth_root)
     pm.execute_notebook(str(NBS / "06_ablations.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(NBS), progress_bar=False,
                         parameters=dict(subject=1, data_root=str(synth_root), out_dir=str(tmp_path), n_iters=4,
                                         max_images=2, batch_size=2))

@@ -1,9 +1,10 @@
-"""The rhythm of ../shared/reference/style.md that a machine can check: lines of at most 120 characters, and one
-convention for a lesson's names (plain names, as nbdev's own notebooks; never a papermill parameter's name, which
+"""The rhythm of ../shared/reference/style.md that a machine can check: short cells, lines of at most 120 characters,
+one convention for a lesson's names (plain names, as nbdev's own notebooks; never a papermill parameter's name, which
 would change what the chapter's last section runs on), and no call that passes a long row of positional arguments."""
 import ast
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p for p in (ROOT/"nbs").glob("*.ipynb") if not p.name.startswith("_"))
 MAX = 120
 MAX_POSITIONAL = 8   # beyond this, a call's arguments are named
+MEDIAN_LINES = 8     # short cells: the median code cell of a chapter
 _SCOPES = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Lambda, ast.FunctionDef, ast.ClassDef)
 
 
@@ -64,6 +66,17 @@ def test_lesson_names_checker():
                      "source": ["a, _b = 1, 2\nfor k_ in []: pass\n[z for z in ()]"]}]}
     assert lesson_names(nb) == ({"a", "_b", "k_"}, {"subject"})
     assert long_lines(ROOT/"tests"/"test_style.py") == []
+
+
+CHAPTERS = [p for p in NOTEBOOKS if p.stem != "index"]
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_short_cells(path):
+    "Code cells of a chapter: median at most MEDIAN_LINES lines (a long function is one cell, its lessons are short)."
+    sizes = [len("".join(c["source"]).rstrip("\n").split("\n")) for c in json.loads(path.read_text())["cells"]
+             if c["cell_type"] == "code"]
+    assert statistics.median(sizes) <= MEDIAN_LINES, f"{path.name}: median code cell {statistics.median(sizes)} lines"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
