@@ -148,7 +148,7 @@ def derive_decoded(
                               roundtrip_seed=cfg.roundtrip_seed))
     if path.exists():
         with h5py.File(path, "r") as f:
-            if f.attrs.get("made_by") == made_by: return path  # else remade: chapter 04 refuses images of the old start
+            if f.attrs.get("made_by") == made_by: return path  # else remade: 04a refuses the old start's images
     src = Path(src).resolve(); path.parent.mkdir(parents=True, exist_ok=True)
     sl = slice(int(rows[0]), int(rows[-1]) + 1)
     with h5py.File(src, "r") as f:
@@ -229,7 +229,7 @@ def score_configs(
 def seconds_per_image(
     folder:Path,  # a configuration's folder
 ) -> float|None:  # mean over its finished images
-    "The mean time an image of a configuration took (chapter 04's records)."
+    "The mean time an image of a configuration took (chapter 04a's records)."
     recs = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*/record.json"))]
     return float(np.mean([r["seconds"] for r in recs])) if recs else None
 

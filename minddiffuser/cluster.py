@@ -223,7 +223,7 @@ def _threads(cpus:int) -> int: return max(1, min(int(cpus), len(os.sched_getaffi
 
 # %% ../nbs/04b_cluster.ipynb #02d61751
 def _stage2_job(kw:dict, cpus:int) -> list:
-    "One shard, in the job's process: chapter 04's `reconstruct`."
+    "One shard, in the job's process: chapter 04a's `reconstruct`."
     torch.set_num_threads(_threads(cpus))
     return [f.name for f in reconstruct(**kw, progress=False)]
 

@@ -8,6 +8,7 @@ __all__ = ['write_planted_inputs', 'feature_families', 'FitPlan', 'family_plans'
            'plot_selection', 'resolve_inputs']
 
 # %% ../nbs/02a_decoders.ipynb #59f7746b
+import functools
 import hashlib
 import json
 import os
@@ -24,8 +25,6 @@ from tqdm.auto import tqdm
 
 from .artifacts import (artifact_in, artifact_path, atomic_write, require, resolve_out_dir, run_command,
                                     subject_name)
-from .features import FEATURE_CFG, FeatureConfig
-from .models import Components
 from .nsd_data import configured_data_root, is_synthetic
 from .ridge import (SOLVE_MEM_GB, CVFolds, Design, L2LiR, RidgeConfig, check_n_feat, cv_scores, fit_l2lir,
                                 normalise_fmri, pearson_r, resolve_device, top_dims, zscore_stats)
@@ -160,13 +159,13 @@ def _column_stats(Y:np.ndarray, step:int=4096) -> tuple:
 def _blocks(n:int, block:int) -> list: return [slice(a, min(a + block, n)) for a in range(0, n, block)]
 
 # %% ../nbs/02a_decoders.ipynb #4b94b6a4
-def _open_partial(path:Path, fp:str, make) -> h5py.File:
-    "The partial file of a fit in progress: resumed if its fingerprint matches, else started over by `make(f)`."
+def _open_partial(path:Path, fp:str, block:int, make) -> h5py.File:
+    "The partial file of a fit in progress: resumed if fingerprint and block size match, else begun anew by `make(f)`."
     if path.exists():
         f = h5py.File(path, "a")
-        if f.attrs.get("fingerprint") == fp: return f
+        if f.attrs.get("fingerprint") == fp and int(f.attrs.get("block", FitPlan.block)) == block: return f
         f.close(); path.unlink()
-    f = h5py.File(path, "w"); f.attrs["fingerprint"] = fp; make(f); f.flush()
+    f = h5py.File(path, "w"); f.attrs.update(fingerprint=fp, block=block); make(f); f.flush()
     return f
 
 # %% ../nbs/02a_decoders.ipynb #261680a8
@@ -256,7 +255,7 @@ def fit_family(design, # `Design` of the normalised training fMRI, or a function
                                                 "in the same order")
     k, stats, t0 = check_n_feat(plan.n_feat, design.d), _column_stats(Y), time.time()
     part = path.with_name(path.stem + ".partial.h5")
-    with _open_partial(part, _fingerprint(fp=fp, block=plan.block), lambda f: None) as f:
+    with _open_partial(part, fp, plan.block, lambda f: None) as f:
         cv, dims = None, np.arange(Y.shape[1])
         if plan.select:
             folds = folds() if callable(folds) else folds
@@ -368,8 +367,8 @@ def decode_subject(out_dir="runs", # artifacts folder holding subjNN/fmri.h5 and
     Xtr_n, _, x_mean, x_std = normalise_fmri(Xtr, Xte, cfg.x_norm)
     base = _fingerprint(x=Xtr[::max(1, len(Xtr)//64)], shape=list(Xtr.shape), ids=ids["train"], n_folds=cfg.n_folds)
     del Xtr, Xte                                                             # a subject's fMRI is GBs: keep one copy
-    design = _once(lambda: Design(Xtr_n, device, n_workers))               # built only if some family needs fitting
-    folds = _once(lambda: CVFolds(design(), cfg.n_folds))
+    design = functools.cache(lambda: Design(Xtr_n, device, n_workers))     # built only if some family needs fitting
+    folds = functools.cache(lambda: CVFolds(design(), cfg.n_folds))
     for fam in tqdm(fams, desc=f"{subject_name(subject)} decoders", disable=not progress):
         path = decoder_path(artifact_in(fmri.parent, "decoders"), fam)
         if force and path.exists(): path.unlink()
@@ -380,18 +379,8 @@ def decode_subject(out_dir="runs", # artifacts folder holding subjNN/fmri.h5 and
         fit_family(design, Y, path, plans[fam], folds=folds, extra=extra, attrs=dict(shape=layout[fam]), fingerprint=fp,
                    progress=progress)
         del Y                                                                # a CLIP layer's targets are GBs too
-    folds.clear(); design.clear()                                            # free the Gram matrices before decoding
+    folds.cache_clear(); design.cache_clear()                                # free the Gram matrices before decoding
     return write_decoded(fmri.parent, fams, cfg.x_norm, device)
-
-# %% ../nbs/02a_decoders.ipynb #eb49f381
-def _once(make):
-    "A function that calls `make` the first time and returns that result until its `clear()`."
-    box = []
-    def get():
-        if not box: box.append(make())
-        return box[0]
-    get.clear = box.clear
-    return get
 
 # %% ../nbs/02a_decoders.ipynb #15e6b91d
 def write_decoded(subj, # the subject folder (holds fmri.h5, features.h5, decoders/)
@@ -432,13 +421,15 @@ def write_decoded(subj, # the subject folder (holds fmri.h5, features.h5, decode
 # %% ../nbs/02a_decoders.ipynb #89830aaa
 def write_fake_decoded(
     path,  # the decoded.h5 to write
-    m:Components,  # the models whose sizes the file takes
+    m,  # networks from `load_models`: the file takes their sizes
     nsd_ids,  # 73k ids of the rows
     latent_size:int=64,  # side of z (64 for 512-pixel images)
     seed:int=0,  # seed of the random values
-    cfg:FeatureConfig=FEATURE_CFG,  # chapter 01's layout: tokens of c, CLIP layers
+    cfg=None,  # chapter 01's `FeatureConfig` (tokens of c, CLIP layers); None: FEATURE_CFG
 ) -> Path:
-    "A `decoded.h5` in this layout holding random `c`, `z` and CLIP features, for tests and demos."
+    "A `decoded.h5` in `write_decoded`'s layout holding random `c`, `z` and CLIP features, for tests and demos."
+    from minddiffuser.features import FEATURE_CFG  # the diffusion stack, only when a fake is written
+    cfg = cfg or FEATURE_CFG
     rng, n = np.random.default_rng(seed), len(nsd_ids)
     d = m.clip_tokens * m.clip_width
     with h5py.File(path, "w") as f:
