@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .artifacts import artifact_in, atomic_write, save_json, settings_diff
 from .features import FEATURE_CFG, clip_features, images_to_tensor, vae_latents
 from .models import Components, load_models
-from .stage1 import STAGE1, Stage1Config, stage1_settings, stage_inputs, uncond_embedding
+from .stage1 import (STAGE1, Stage1Config, _save_png, stage1_settings, stage_inputs, to_uint8,
+                                 uncond_embedding)
 from .stage2 import (STAGE2_CFG, Stage2Config, Stage2Loss, iteration_noise, layer_weights, make_optimiser,
                                  optimiser_step, stage2_forward)
 
@@ -36,9 +37,8 @@ RESULT_FREE = ("n_iters", "state_every", "checkpoint")  # settings that do not c
 
 # %% ../nbs/04a_runner.ipynb #fbbf5b9a
 def save_png(path:Path, image:torch.Tensor):
-    "Write an image (3, H, W) in [0, 1] as an 8-bit PNG, atomically."
-    a = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    with atomic_write(path) as t: Image.fromarray(a).save(t, format="PNG")
+    "Write an image (3, H, W) in [0, 1] as an 8-bit PNG, atomically: chapter 03's rounding and writer."
+    _save_png(to_uint8(image.detach().float().clamp(0, 1)[None])[0], path)
 
 # %% ../nbs/04a_runner.ipynb #68a1766b
 def _strip(s:dict) -> dict:
