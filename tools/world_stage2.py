@@ -17,7 +17,7 @@ Each arm's paired difference (iteration k minus iteration 0, the stage-1 image) 
 own share). The record and a figure go to OUT; runs resume where they stopped (04a's per-image state).
 
     minddiffuser run --subject 1 --only 00 01 02 03            # a demo chain's decoded.h5 and stage-1 settings
-    python tools/world_stage2.py runs/world_stage2 --images 12 --iters 40 --batch 12   # 55 min on 2 CPU cores
+    python tools/world_stage2.py runs/world_stage2          # 12 images x 40 iterations: 55 min on 2 CPU cores
 """
 import argparse
 import json
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,16 +68,17 @@ def main(argv=None):
     ap.add_argument("out", help="folder for the arms' runs, the record and the figure")
     ap.add_argument("--runs", default="runs", help="artifacts folder of the demo chain (reads subjNN/decoded.h5)")
     ap.add_argument("--subject", type=int, default=1)
-    ap.add_argument("--images", type=int, default=16, help="first k test images")
-    ap.add_argument("--iters", type=int, default=100, help="stage-2 iterations per image (the paper: 300)")
-    ap.add_argument("--batch", type=int, default=8, help="images optimised together")
+    ap.add_argument("--images", type=int, default=12, help="first k test images (at least 2)")
+    ap.add_argument("--iters", type=int, default=40, help="stage-2 iterations per image (the paper: 300)")
+    ap.add_argument("--batch", type=int, default=12, help="images optimised together")
     ap.add_argument("--save-every", type=int, default=STAGE2_CFG.save_every, help="score every k-th iteration")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"which of {list(ARMS)}")
     a = ap.parse_args(argv)
     arms = [s for s in a.arms.split(",") if s]
     if bad := [s for s in arms if s not in ARMS]: ap.error(f"unknown arms {bad}: choose from {list(ARMS)}")
+    if a.images < 2 or a.iters < 1: ap.error("--images must be >= 2 (paired intervals) and --iters >= 1")
     t0, out = time.time(), Path(a.out)
-    dec, synthetic, models, clip_model, _ = stage_inputs(a.runs, a.subject)
+    dec, _, models, clip_model, _ = stage_inputs(a.runs, a.subject)
     require(a.runs, a.subject, "stage1_settings")
     s1 = stage1_settings(a.runs, a.subject)
     m = load_models(models, clip_model, device="cpu")
@@ -89,6 +89,10 @@ def main(argv=None):
     record = dict(command=" ".join(["python tools/world_stage2.py", *(argv or sys.argv[1:])]), images=len(ids),
                   iters=a.iters, models=rel(models), clip_model=rel(clip_model), s1=s1.__dict__,
                   stage2=STAGE2_CFG.__dict__ | dict(n_iters=a.iters, save_every=a.save_every), arms={})
+    if (out/"record.json").exists():  # keep the arms an earlier run of the same size measured
+        old = json.loads((out/"record.json").read_text())
+        if all(old.get(k) == record[k] for k in ("images", "iters", "models", "clip_model")):
+            record["arms"] = old["arms"]
     for arm in arms:
         d = out/arm; d.mkdir(parents=True, exist_ok=True)
         path = d/"decoded.h5"
