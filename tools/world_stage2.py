@@ -34,7 +34,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minddiffuser.artifacts import require, save_json  # noqa: E402
-from minddiffuser.evaluation import EVAL_CFG, bootstrap, pixcorr, resize, ssim, to_tensor  # noqa: E402
+from minddiffuser.evaluation import bootstrap, extract  # noqa: E402
 from minddiffuser.models import load_models  # noqa: E402
 from minddiffuser.nsd_data import input_data_root, read_images  # noqa: E402
 from minddiffuser.runner import plant_targets, run_images  # noqa: E402
@@ -45,10 +45,15 @@ ARMS = dict(resample=dict(gradient=False), decoded=dict(), fixed=dict(fresh_nois
 
 
 def pixel_scores(stimuli: np.ndarray, images: np.ndarray) -> dict:
-    "05's SSIM and PixCorr of images against their stimuli, at 05's low-level size and resampling (MindEye's)."
-    mode = EVAL_CFG.convention("mindeye")["lowlevel_resample"]
-    g, r = (resize(to_tensor(a), EVAL_CFG.lowlevel_size, mode) for a in (stimuli, images))
-    return dict(ssim=ssim(g, r).numpy(), pixcorr=pixcorr(g, r).numpy())
+    "SSIM and PixCorr of images against their stimuli, through 05's own `extract` (its low-level size and resize)."
+    rows = np.arange(len(images))
+    return extract(lambda r: images[r], rows, {}, ("ssim", "pixcorr"), stimuli_of=lambda r: stimuli[r],
+                   progress=False).pixels
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> list:
+    "Per column (saved iteration): the mean of a - b over images with 05's bootstrap interval."
+    return [bootstrap(d) for d in (a - b).T]
 
 
 def trajectories(folders: list, stimuli: np.ndarray) -> dict:
@@ -103,8 +108,7 @@ def main(argv=None):
         cfg = replace(STAGE2_CFG, n_iters=a.iters, save_every=a.save_every, **ARMS[arm])
         folders = run_images(m, path, d/"stage2", np.arange(len(ids)), cfg, s1, batch_size=a.batch)
         tr = trajectories(folders, stimuli)
-        diff = {mt: [bootstrap(tr[mt][:, j] - tr[mt][:, 0]) for j in range(len(tr["iterations"]))]
-                for mt in ("ssim", "pixcorr")}
+        diff = {mt: paired(tr[mt], tr[mt][:, :1]) for mt in ("ssim", "pixcorr")}
         spent = sum(json.loads((f/"record.json").read_text())["seconds"] for f in folders)  # over resumptions too
         record["arms"][arm] = dict(seconds=round(spent), iterations=tr["iterations"],
                                    mean={mt: tr[mt].mean(0).tolist() for mt in ("ssim", "pixcorr")},
@@ -112,11 +116,8 @@ def main(argv=None):
         np.savez(d/"trajectories.npz", **{k: np.asarray(v) for k, v in tr.items()})
         same_noise = ARMS[arm].get("fresh_noise", True)  # `fixed` draws other noise than `resample` after iteration 0
         if arm != "resample" and same_noise and (out/"resample"/"trajectories.npz").exists():
-            rs = np.load(out/"resample"/"trajectories.npz")
-            its = [j for j, k in enumerate(tr["iterations"]) if k in list(rs["iterations"])]
-            record["arms"][arm]["minus_resample"] = {
-                mt: [bootstrap(tr[mt][:, j] - rs[mt][:, list(rs["iterations"]).index(tr["iterations"][j])])
-                     for j in its] for mt in ("ssim", "pixcorr")}
+            rs = np.load(out/"resample"/"trajectories.npz")  # same images, iterations and noise
+            record["arms"][arm]["minus_resample"] = {mt: paired(tr[mt], rs[mt]) for mt in ("ssim", "pixcorr")}
         last = {mt: diff[mt][-1] for mt in diff}
         print(f"[{time.time() - t0:5.0f}s] {arm}: iteration {tr['iterations'][-1]} minus stage 1: " + ", ".join(
             f"{mt} {v['mean']:+.4f} ({v['lo']:+.4f} to {v['hi']:+.4f})" for mt, v in last.items()), flush=True)
@@ -136,7 +137,7 @@ def figure(record: dict, path: Path):
         ax[0, 0].plot(r["structure"], color=col, label=arm)
         for row, key in enumerate(("minus_stage1", "minus_resample")):
             if key not in r: continue
-            its = r["iterations"][: len(r[key]["ssim"])]
+            its = r["iterations"]
             for a_, mt in zip(ax[row, 1:], ("ssim", "pixcorr")):
                 d = r[key][mt]
                 a_.plot(its, [v["mean"] for v in d], marker="o", ms=3, color=col, label=arm)
