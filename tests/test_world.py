@@ -2,6 +2,7 @@
 the demo chain on the synthetic NSD shows the paper's Table 2 claim in miniature with the shipped weights."""
 import json
 import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -125,3 +126,29 @@ def test_stage2_experiment_pairs_its_arms(demo_chain, tmp_path):
         for d in (tmp_path/arm/"stage2").iterdir():
             np.testing.assert_array_equal(np.asarray(Image.open(d/"iter_000.png")),
                                           np.asarray(Image.open(subj/"stage1"/f"{d.name}.png")), err_msg=arm)
+
+
+def test_gpu_tool_keeps_a_worlds_vae_and_clip(tmp_path):
+    """`tools/world_on_gpu.py --unet-from`, the prepared GPU call for more U-Net training, keeps the shipped world's
+    VAE and CLIP bit for bit through `save_world`, and its record says where they came from."""
+    import importlib.util
+    from pathlib import Path
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+    from minddiffuser.world import save_world
+    spec = importlib.util.spec_from_file_location("world_on_gpu", Path(__file__).parents[1]/"tools"/"world_on_gpu.py")
+    tool = importlib.util.module_from_spec(spec); spec.loader.exec_module(tool)
+    sd, ck = world_weights()
+    vae, r_vae, (clip_model, r_clip) = tool.kept(Path(sd).parent)
+    assert vae.dtype == torch.float32 and r_vae["kept_from"] == str(Path(sd).parent) and r_clip["steps"] > 0
+    p = StableDiffusionPipeline.from_pretrained(str(sd), safety_checker=None, requires_safety_checker=False)
+    out_sd, out_ck = save_world(tmp_path/"w", vae, p.tokenizer, p.text_encoder, p.unet, clip_model,
+                                dict(vae=r_vae, clip=r_clip))
+    a, b = torch.load(ck), torch.load(out_ck)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    va, vb = (load_file(Path(f)/"vae"/"diffusion_pytorch_model.safetensors") for f in (sd, out_sd))
+    assert va.keys() == vb.keys() and all(torch.equal(va[k], vb[k]) for k in va)
+    bad = subprocess.run([sys.executable, str(Path(spec.origin)), str(tmp_path/"x"), "--unet-from", str(tmp_path/"none")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "no world there" in bad.stderr

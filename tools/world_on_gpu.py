@@ -9,6 +9,14 @@ Both candidates are judged on generation seeds the chapter never uses (1000 onwa
 
     python tools/world_on_gpu.py OUT                      # on a GPU machine
     python tools/world_on_gpu.py OUT --device cpu --tiny  # a dry run of the whole script, in a minute on a laptop
+
+Since v2, `WorldConfig`'s U-Net has the wider widths, so A and B are the same network. What v2 lacks is U-Net
+training (the kinds' corners, README's "The demo's world"), and in v2's call the U-Net got under three minutes. So
+`--unet-from WORLD` keeps that world's VAE and CLIP (trained from the same seed; the U-Net's latents are the VAE's)
+and gives the whole call to one U-Net candidate, about three times v2's steps on an H200:
+
+    python tools/world_on_gpu.py OUT --unet-from minddiffuser/world   # on a GPU machine: OUT/world_A is the world
+    python tools/world_on_gpu.py OUT --unet-from minddiffuser/world --device cpu --tiny   # its dry run
 """
 import argparse
 import json
@@ -22,9 +30,12 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
+from diffusers import AutoencoderKL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minddiffuser.models import world_paths  # noqa: E402
 from minddiffuser.nsd_data import COLOURS, SHAPES  # noqa: E402
 from minddiffuser.world import (JUDGE_CFG, WORLD_CFG, _device_name, generation_check, save_world, train_clip,  # noqa: E402
                                 train_denoiser, train_vae, vae_psnr, wilson, world_scenes)
@@ -67,13 +78,28 @@ def child(work, what, steps, device):
     torch.save(train_denoiser(vae, images, captions, cfg_of(what, steps), False, device), work/f"denoiser_{what}.pt")
 
 
+def kept(world):
+    "The VAE (float32), its training record, and (CLIP, its record) of a saved world, for `--unet-from`."
+    sd, ck = world_paths(world)
+    record = json.loads((Path(world)/"WORLD.json").read_text())
+    vae = AutoencoderKL.from_pretrained(str(sd/"vae"), torch_dtype=torch.float32).eval().requires_grad_(False)
+    clip_model = open_clip.model.CLIP(**json.loads((ck.parent/"open_clip_config.json").read_text())["model_cfg"])
+    clip_model.load_state_dict({k: v.float() for k, v in torch.load(ck, map_location="cpu").items()})
+    note = dict(kept_from=str(world), kept_finished=record.get("finished"))
+    return vae, record["vae"] | note, (clip_model.eval().requires_grad_(False), record["clip"] | note)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out"); ap.add_argument("--device", default="cuda"); ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--deadline-s", type=float, default=540); ap.add_argument("--child", nargs=2)
     ap.add_argument("--candidates", default="AB", help="A: v1's U-Net widths, B: the wider one")
     ap.add_argument("--unet-batch", type=int, default=128); ap.add_argument("--reserve-s", type=float, default=120)
+    ap.add_argument("--unet-from", help="a world folder whose VAE and CLIP are kept: only the U-Net trains")
     a = ap.parse_args()
+    if a.unet_from and not world_paths(a.unet_from)[1].exists():
+        raise SystemExit(f"--unet-from {a.unet_from}: no world there (sd/ and clip/ written by save_world)")
+    if a.unet_from and a.candidates == "AB": a.candidates = "A"  # one candidate: the whole GPU to it
     out = Path(a.out); work = out/"work"; work.mkdir(parents=True, exist_ok=True)
     global V2
     V2 = replace(V2, unet_batch=a.unet_batch)
@@ -84,9 +110,13 @@ def main():
     log("device", _device_name(a.device), "torch", torch.__version__)
     np.savez(work/"scenes.npz", images=images, captions=np.array(captions, dtype=object))
     log("scenes", images.shape)
-    vae, r_vae = train_vae(images, V2, False, a.device)
+    if a.unet_from:
+        vae, r_vae, kept_clip = kept(a.unet_from)
+        log("kept the VAE and CLIP of", a.unet_from)
+    else:
+        vae, r_vae = train_vae(images, V2, False, a.device)
+        log("vae", r_vae["seconds"], "s; last loss", r_vae["losses"][-1])
     torch.save((vae, r_vae), work/"vae.pt")
-    log("vae", r_vae["seconds"], "s; last loss", r_vae["losses"][-1])
 
     # timing probe: 40 steps of the wider candidate, alone; the two candidates and CLIP then share the GPU
     probe = train_denoiser(vae, images[:2048], captions[:2048], replace(cfg_of("B", 40), warmup=5), False, a.device)[-1]
@@ -97,12 +127,13 @@ def main():
     if steps < 1000 and not a.tiny: raise SystemExit("too little time for the U-Net")
     env = os.environ | dict(OMP_NUM_THREADS="4")
     procs = {w: subprocess.Popen([sys.executable, __file__, str(out), "--device", a.device, "--child", w, str(steps), "--unet-batch", str(a.unet_batch)]
-                                 + (["--tiny"] if a.tiny else []), env=env) for w in (*a.candidates, "clip")}
+                                 + (["--tiny"] if a.tiny else []), env=env)
+             for w in (*a.candidates, *(() if a.unet_from else ("clip",)))}
     for w, p in procs.items():
         if p.wait() != 0: raise SystemExit(f"child {w} failed")
         log("finished", w)
 
-    clip_model, r_clip = torch.load(work/"clip.pt", weights_only=False)
+    clip_model, r_clip = kept_clip if a.unet_from else torch.load(work/"clip.pt", weights_only=False)
     held, held_scenes, _ = world_scenes(256, V2.n_scenes, V2, progress=False)
     wanted = [(c, k) for c in COLOURS for k in SHAPES for _ in range(4)]
     results = {}
