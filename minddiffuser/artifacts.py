@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['ARTIFACTS', 'CHAPTER_NEEDS', 'project_root', 'resolve_out_dir', 'subject_name', 'subject_dir', 'Artifact',
-           'artifact_in', 'artifact_path', 'run_command', 'make_command', 'require', 'atomic_write', 'save_json',
-           'flat_settings', 'settings_diff']
+           'artifact_in', 'artifact_path', 'run_command', 'make_command', 'remake_command', 'require', 'atomic_write',
+           'save_json', 'flat_settings', 'settings_diff']
 
 # %% ../nbs/00b_artifacts.ipynb #bde4a07f
 import json
@@ -110,6 +110,14 @@ def make_command(subject:int, # NSD subject
     "The command that makes artifact `name`."
     ch = ARTIFACTS[name].chapter
     return run_command(subject, [] if ch == "chain" else [ch])
+
+# %% ../nbs/00b_artifacts.ipynb #c63f78ca
+def remake_command(path, # an artifact's path, e.g. runs/subj07/decoded.h5
+                   name:str # a key of `ARTIFACTS`
+                  ) -> str:
+    "The command that remakes artifact `name` at `path`, its subject read from the `subjNN` folder above it."
+    subj = [q.name for q in Path(path).parents if re.fullmatch(r"subj\d+", q.name)]  # nearest first
+    return make_command(int(subj[0][4:]), name) if subj else make_command(0, name).replace("0", "<N>", 1)
 
 # %% ../nbs/00b_artifacts.ipynb #6e9b962a
 def _upstream(chapter:str) -> list:

@@ -32,8 +32,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.resnet import Bottleneck, ResNet
 from tqdm.auto import tqdm
 
-from .artifacts import (artifact_in, artifact_path, atomic_write, make_command, require, resolve_out_dir,
-                                    save_json)
+from .artifacts import (artifact_in, artifact_path, atomic_write, make_command, remake_command, require,
+                                    resolve_out_dir, save_json)
 from .models import MODEL_CFG, _check_clip_source, _offline, _real_clip_visual, _seeded, load_models
 from .models import is_world, resolve_model_ids
 from .nsd_data import input_data_root, is_synthetic, load_manifest, read_images
@@ -509,7 +509,8 @@ def c_accuracy(
     "Per-image decoding accuracy of c: Pearson r of decoded and true c over the whole (tokens x width) array."
     with h5py.File(decoded, "r") as f:
         if "accuracy/c/per_image" not in f: raise KeyError(
-            f"{decoded} has no accuracy/c/per_image: remake it with chapter 02 (`minddiffuser run --only 02`)")
+            f"{decoded} has no accuracy/c/per_image: remake it with chapter 02 "
+            f"(`{remake_command(decoded, 'decoded')}`)")
         return pd.Series(f["accuracy/c/per_image"][:], index=f["nsd_id"][:], name="c_accuracy")
 
 # %% ../nbs/05_eval.ipynb #442d2f07

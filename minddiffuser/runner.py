@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .artifacts import artifact_in, atomic_write, save_json, settings_diff
+from .artifacts import artifact_in, atomic_write, remake_command, save_json, settings_diff
 from .features import FEATURE_CFG, clip_features, images_to_tensor, vae_latents
 from .models import Components, load_models
 from .stage1 import (STAGE1, Stage1Config, _save_png, stage1_settings, stage_inputs, to_uint8,
@@ -195,7 +195,7 @@ def check_decoded(
     with h5py.File(path, "r") as f:
         need = ["nsd_id", "c", "z", "clip/embed"] + [f"clip/{k}" for k in layers] + [f"clip_mask/{k}" for k in layers]
         if missing := [k for k in need if k not in f]: raise KeyError(
-            f"{path} lacks {missing}: remake it with chapter 02 (`minddiffuser run --only 02`).")
+            f"{path} lacks {missing}: remake it with chapter 02 (`{remake_command(path, 'decoded')}`).")
         D = m.clip_tokens * m.clip_width
         want = ({"c": m.text_width, "z": m.latent_channels, "clip/embed": m.clip_embed_dim}
                 | {f"clip/{k}": D for k in layers})
