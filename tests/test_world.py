@@ -91,7 +91,8 @@ def test_shipped_vae_reaches_25_db():
 
 @pytest.mark.xfail(strict=True, reason="v2 world: the named kind in about half the samples (53%, 95% CI 41-65%, of 64 on "
                    "training-time seeds; v1: 38%): squares and triangles come out with round corners; needs far more "
-                   "U-Net training (01b, 'How the shipped world was made')")
+                   "U-Net training (01b, 'How the shipped world was made'): one GPU call of "
+                   "tools/world_on_gpu.py --unet-from minddiffuser/world")
 def test_shipped_world_draws_the_named_colour_and_kind():
     wanted = [(c, k) for c in COLOURS for k in SHAPES for _ in range(JUDGE_CFG.samples_per_prompt)]
     images = text_to_image(world_weights()[0], [JUDGE_CFG.prompt.format(colour=c, kind=k) for c, k in wanted])
