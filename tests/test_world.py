@@ -1,6 +1,7 @@
 """The trained world (chapter 01b): retraining from the seed learns, the command line writes a loadable world, and
 the demo chain on the synthetic NSD shows the paper's Table 2 claim in miniature with the shipped weights."""
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -151,5 +152,11 @@ def test_gpu_tool_keeps_a_worlds_vae_and_clip(tmp_path):
     va, vb = (load_file(Path(f)/"vae"/"diffusion_pytorch_model.safetensors") for f in (sd, out_sd))
     assert va.keys() == vb.keys() and all(torch.equal(va[k], vb[k]) for k in va)
     bad = subprocess.run([sys.executable, str(Path(spec.origin)), str(tmp_path/"x"), "--unet-from", str(tmp_path/"none")],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "no world there" in bad.stderr
+    other = shutil.copytree(Path(sd).parent, tmp_path/"other")  # a world trained with another VAE schedule
+    rec = json.loads((other/"WORLD.json").read_text()); rec["settings"]["vae_steps"] += 1
+    (other/"WORLD.json").write_text(json.dumps(rec))
+    bad = subprocess.run([sys.executable, str(Path(spec.origin)), str(tmp_path/"y"), "--unet-from", str(other)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "settings differ from this script's in ['vae_steps']" in bad.stderr

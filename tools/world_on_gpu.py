@@ -13,7 +13,7 @@ Both candidates are judged on generation seeds the chapter never uses (1000 onwa
 Since v2, `WorldConfig`'s U-Net has the wider widths, so A and B are the same network. What v2 lacks is U-Net
 training (the kinds' corners, README's "The demo's world"), and in v2's call the U-Net got under three minutes. So
 `--unet-from WORLD` keeps that world's VAE and CLIP (trained from the same seed; the U-Net's latents are the VAE's)
-and gives the whole call to one U-Net candidate, about three times v2's steps on an H200:
+and gives all of the call's training time to one U-Net candidate (v2's U-Net got 161 s of its call):
 
     python tools/world_on_gpu.py OUT --unet-from minddiffuser/world   # on a GPU machine: OUT/world_A is the world
     python tools/world_on_gpu.py OUT --unet-from minddiffuser/world --device cpu --tiny   # its dry run
@@ -93,7 +93,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out"); ap.add_argument("--device", default="cuda"); ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--deadline-s", type=float, default=540); ap.add_argument("--child", nargs=2)
-    ap.add_argument("--candidates", default="AB", help="A: v1's U-Net widths, B: the wider one")
+    ap.add_argument("--candidates", default="AB", help="A: WorldConfig's U-Net, B: the wider (48, 96, 128), the same since v2")
     ap.add_argument("--unet-batch", type=int, default=128); ap.add_argument("--reserve-s", type=float, default=120)
     ap.add_argument("--unet-from", help="a world folder whose VAE and CLIP are kept: only the U-Net trains")
     a = ap.parse_args()
@@ -104,6 +104,13 @@ def main():
     global V2
     V2 = replace(V2, unet_batch=a.unet_batch)
     if a.tiny: V2 = replace(V2, n_scenes=256, vae_steps=20, clip_steps=20, warmup=5, vae_batch=8, unet_batch=8, clip_batch=16)
+    if a.unet_from and not a.tiny:  # the kept networks must be those V2 would train: same scenes, same VAE and CLIP
+        theirs = json.loads((Path(a.unet_from)/"WORLD.json").read_text())["settings"]
+        ours = json.loads(json.dumps(asdict(V2)))
+        kept_keys = [k for k in ours if k in ("image_size", "seed", "scene_stream", "n_scenes")
+                     or k.startswith(("vae", "clip"))]
+        if diff := sorted(k for k in kept_keys if theirs.get(k) != ours[k]):
+            raise SystemExit(f"--unet-from {a.unet_from}: its settings differ from this script's in {diff}")
     if a.child: return child(work, a.child[0], int(a.child[1]), a.device)
 
     images, _, captions = scenes(V2, V2.n_scenes)  # before CUDA starts: the pool forks
