@@ -97,14 +97,15 @@ def artifact_path(out_dir, # artifacts folder
     return artifact_in(resolve_out_dir(out_dir)/subject_name(subject), name)
 
 # %% ../nbs/00b_artifacts.ipynb #62939407
-def run_command(subject:int, # NSD subject
+def run_command(subject:int|None, # NSD subject; None: a placeholder, `<N>`
                 chapters:list=() # chapter prefixes for `--only`; none: the whole chain
                ) -> str:
     "The `minddiffuser run` command for some chapters of a subject."
-    return f"minddiffuser run --subject {int(subject)}" + (f" --only {' '.join(chapters)}" if chapters else "")
+    only = f" --only {' '.join(chapters)}" if chapters else ""
+    return f"minddiffuser run --subject {'<N>' if subject is None else int(subject)}{only}"
 
 # %% ../nbs/00b_artifacts.ipynb #4e923112
-def make_command(subject:int, # NSD subject
+def make_command(subject:int|None, # NSD subject; None: a placeholder, `<N>`
                  name:str # a key of `ARTIFACTS`
                 ) -> str:
     "The command that makes artifact `name`."
@@ -117,7 +118,7 @@ def remake_command(path, # an artifact's path, e.g. runs/subj07/decoded.h5
                   ) -> str:
     "The command that remakes artifact `name` at `path`, its subject read from the `subjNN` folder above it."
     subj = [q.name for q in Path(path).parents if re.fullmatch(r"subj\d+", q.name)]  # nearest first
-    return make_command(int(subj[0][4:]), name) if subj else make_command(0, name).replace("0", "<N>", 1)
+    return make_command(int(subj[0][4:]) if subj else None, name)
 
 # %% ../nbs/00b_artifacts.ipynb #6e9b962a
 def _upstream(chapter:str) -> list:

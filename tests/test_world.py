@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,10 +54,17 @@ def test_the_world_is_the_synthetic_default_and_ships_small():
     sd, clip = world_weights()
     assert resolve_model_ids(None, None, synthetic=True) == (sd, clip)
     assert is_world(sd) and is_world(clip) and not is_world("tiny")
-    from pathlib import Path
     root = Path(sd).parent
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert total <= 30 * 2**20, f"the shipped world is {total / 2**20:.1f} MB"
+
+
+def _tool(name:str):
+    "A script of tools/ imported as a module."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1]/"tools"/f"{name}.py")
+    tool = importlib.util.module_from_spec(spec); spec.loader.exec_module(tool)
+    return tool
 
 
 def _summary(demo_chain) -> dict:
@@ -108,10 +116,7 @@ def test_stage2_experiment_pairs_its_arms(demo_chain, tmp_path):
     stage 1), the gradient arm moves away from the resampling control by iteration 1, and the oracle arm scores the
     same images against other targets."""
     from PIL import Image
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("world_stage2", Path(__file__).parents[1]/"tools"/"world_stage2.py")
-    tool = importlib.util.module_from_spec(spec); spec.loader.exec_module(tool)
+    tool = _tool("world_stage2")
     subj, _ = demo_chain
     rec = tool.main([str(tmp_path), "--runs", str(subj.parent), "--images", "3", "--iters", "2", "--save-every", "1",
                      "--arms", "resample,decoded,oracle"])
@@ -133,14 +138,11 @@ def test_stage2_experiment_pairs_its_arms(demo_chain, tmp_path):
 def test_gpu_tool_keeps_a_worlds_vae_and_clip(tmp_path):
     """`tools/world_on_gpu.py --unet-from`, the prepared GPU call for more U-Net training, keeps the shipped world's
     VAE and CLIP bit for bit through `save_world`, and its record says where they came from."""
-    import importlib.util
-    from pathlib import Path
     import torch
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
     from minddiffuser.world import save_world
-    spec = importlib.util.spec_from_file_location("world_on_gpu", Path(__file__).parents[1]/"tools"/"world_on_gpu.py")
-    tool = importlib.util.module_from_spec(spec); spec.loader.exec_module(tool)
+    tool = _tool("world_on_gpu")
     sd, ck = world_weights()
     vae, r_vae, (clip_model, r_clip) = tool.kept(Path(sd).parent)
     assert vae.dtype == torch.float32 and r_vae["kept_from"] == str(Path(sd).parent) and r_clip["steps"] > 0
@@ -151,12 +153,12 @@ def test_gpu_tool_keeps_a_worlds_vae_and_clip(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     va, vb = (load_file(Path(f)/"vae"/"diffusion_pytorch_model.safetensors") for f in (sd, out_sd))
     assert va.keys() == vb.keys() and all(torch.equal(va[k], vb[k]) for k in va)
-    bad = subprocess.run([sys.executable, str(Path(spec.origin)), str(tmp_path/"x"), "--unet-from", str(tmp_path/"none")],
+    bad = subprocess.run([sys.executable, str(Path(tool.__file__)), str(tmp_path/"x"), "--unet-from", str(tmp_path/"none")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "no world there" in bad.stderr
     other = shutil.copytree(Path(sd).parent, tmp_path/"other")  # a world trained with another VAE schedule
     rec = json.loads((other/"WORLD.json").read_text()); rec["settings"]["vae_steps"] += 1
     (other/"WORLD.json").write_text(json.dumps(rec))
-    bad = subprocess.run([sys.executable, str(Path(spec.origin)), str(tmp_path/"y"), "--unet-from", str(other)],
+    bad = subprocess.run([sys.executable, str(Path(tool.__file__)), str(tmp_path/"y"), "--unet-from", str(other)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "settings differ from this script's in ['vae_steps']" in bad.stderr

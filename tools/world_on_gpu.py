@@ -93,12 +93,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out"); ap.add_argument("--device", default="cuda"); ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--deadline-s", type=float, default=540); ap.add_argument("--child", nargs=2)
-    ap.add_argument("--candidates", default="AB", help="A: WorldConfig's U-Net, B: the wider (48, 96, 128), the same since v2")
+    ap.add_argument("--candidates", default="AB",
+                    help="A: WorldConfig's U-Net, B: the wider (48, 96, 128), the same since v2")
     ap.add_argument("--unet-batch", type=int, default=128); ap.add_argument("--reserve-s", type=float, default=120)
     ap.add_argument("--unet-from", help="a world folder whose VAE and CLIP are kept: only the U-Net trains")
     a = ap.parse_args()
-    if a.unet_from and not world_paths(a.unet_from)[1].exists():
-        raise SystemExit(f"--unet-from {a.unet_from}: no world there (sd/ and clip/ written by save_world)")
+    if a.unet_from and not all(p.exists() for p in (*world_paths(a.unet_from), Path(a.unet_from)/"WORLD.json")):
+        raise SystemExit(f"--unet-from {a.unet_from}: no world there (sd/, clip/ and WORLD.json written by save_world)")
     if a.unet_from and a.candidates == "AB": a.candidates = "A"  # one candidate: the whole GPU to it
     out = Path(a.out); work = out/"work"; work.mkdir(parents=True, exist_ok=True)
     global V2

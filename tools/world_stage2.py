@@ -116,8 +116,9 @@ def main(argv=None):
         np.savez(d/"trajectories.npz", **{k: np.asarray(v) for k, v in tr.items()})
         same_noise = ARMS[arm].get("fresh_noise", True)  # `fixed` draws other noise than `resample` after iteration 0
         if arm != "resample" and same_noise and (out/"resample"/"trajectories.npz").exists():
-            rs = np.load(out/"resample"/"trajectories.npz")  # same images, iterations and noise
-            record["arms"][arm]["minus_resample"] = {mt: paired(tr[mt], rs[mt]) for mt in ("ssim", "pixcorr")}
+            rs = np.load(out/"resample"/"trajectories.npz")  # same images, iterations and noise ...
+            if rs["ssim"].shape == tr["ssim"].shape and list(rs["iterations"]) == tr["iterations"]:  # ... if same run
+                record["arms"][arm]["minus_resample"] = {mt: paired(tr[mt], rs[mt]) for mt in ("ssim", "pixcorr")}
         last = {mt: diff[mt][-1] for mt in diff}
         print(f"[{time.time() - t0:5.0f}s] {arm}: iteration {tr['iterations'][-1]} minus stage 1: " + ", ".join(
             f"{mt} {v['mean']:+.4f} ({v['lo']:+.4f} to {v['hi']:+.4f})" for mt, v in last.items()), flush=True)
